@@ -1,0 +1,141 @@
+"""Build dataset/reference/*.jsonl from the hand-written TSV sources in dataset/reference/src/.
+
+Each source line is: scene <TAB> style <TAB> recipient <TAB> constraint# (0-3) <TAB> max_chars <TAB> output
+(defect sources add a 7th column: the defect kind). This script fills in the reference `instruction` and
+`input` from the recipe, the meta fields, a content-derived id and the provenance, and checks every good
+greeting against the recipe (cell allowed, 字数 under the cap, emoji rules per style, forbidden phrases).
+
+    python dataset/tools/build_reference.py            # writes blessings.jsonl and defects.jsonl, exit 1 on problems
+"""
+from __future__ import annotations
+
+import sys
+import tomllib
+from pathlib import Path
+
+import regex
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from distillery.record import SCHEMA_VERSION, content_id, dumps  # noqa: E402
+from distillery.text import char_count  # noqa: E402
+
+RECIPE = ROOT / "dataset/recipes/blessing.toml"
+SRC = ROOT / "dataset/reference/src"
+OUT = ROOT / "dataset/reference"
+EMOJI = regex.compile(r"\p{Extended_Pictographic}")
+PARTICLES = "呀啊呢哦吧啦哟嘛哈噢喔"
+AUTHOR = "distillery maintainers"
+
+
+def load_recipe() -> dict:
+    with open(RECIPE, "rb") as f:
+        return tomllib.load(f)
+
+
+def excluded(recipe: dict, scene: str, style: str, recipient: str, relation: str) -> bool:
+    cell = {"scene": scene, "style": style, "recipient": recipient, "relation": relation}
+    for ex in recipe.get("exclusions", []):
+        keys = [k for k in ex if k in cell]
+        if keys and all(cell[k] in (ex[k] if isinstance(ex[k], list) else [ex[k]]) for k in keys):
+            return True
+    return False
+
+
+def emoji_count(text: str) -> int:
+    return sum(1 for g in regex.findall(r"\X", text) if EMOJI.search(g))
+
+
+def check_good(recipe: dict, rec: dict) -> list[str]:
+    m, out = rec["meta"], rec["output"]
+    problems = []
+    if excluded(recipe, m["scene"], m["style"], m["recipient"], m["relation"]):
+        problems.append("cell is excluded by the recipe")
+    n = char_count(out)
+    if n >= m["max_chars"]:
+        problems.append(f"{n} 字, cap is < {m['max_chars']}")
+    e = emoji_count(out)
+    if m["style"] == "小红书":
+        if not 1 <= e <= 2:
+            problems.append(f"小红书 needs 1-2 emoji, has {e}")
+        tail = EMOJI.sub("", out).rstrip("！!~～。.，, ")
+        if not tail or tail[-1] not in PARTICLES:
+            problems.append("小红书 should end on a modal particle")
+    elif m["style"] == "严肃" and e:
+        problems.append("严肃 must have no emoji")
+    constraint = recipe["constraints"][m["constraint_index"]]
+    forbidden = [p for p in constraint.get("forbids", []) if p in out]
+    if forbidden and not (constraint.get("elder_exception") and m["relation"] == "长辈" and forbidden == ["祝你"]):
+        problems.append(f"forbidden phrase {forbidden} under constraint {m['constraint_index']}")
+    return problems
+
+
+def build(kind: str, recipe: dict) -> tuple[list[dict], list[str]]:
+    scenes = {s["name"]: s for s in recipe["scenes"]}
+    styles = {s["name"] for s in recipe["styles"]}
+    relation_of = {r["name"]: r["relation"] for r in recipe["recipients"]}
+    records, problems, seen = [], [], set()
+    for path in sorted(SRC.glob(f"{kind}*.tsv")):
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            where = f"{path.relative_to(ROOT)}:{lineno}"
+            cols = line.split("\t")
+            want = 7 if kind == "defects" else 6
+            if len(cols) != want:
+                problems.append(f"{where}: expected {want} tab-separated columns, got {len(cols)}")
+                continue
+            scene, style, recipient, ci, cap, output = (c.strip() for c in cols[:6])
+            if scene not in scenes or style not in styles or recipient not in relation_of:
+                problems.append(f"{where}: unknown scene/style/recipient {scene!r}/{style!r}/{recipient!r}")
+                continue
+            if not ci.isdigit() or int(ci) >= len(recipe["constraints"]) or not cap.isdigit():
+                problems.append(f"{where}: bad constraint# {ci!r} or max_chars {cap!r}")
+                continue
+            relation = relation_of[recipient]
+            constraint = recipe["constraints"][int(ci)]["text"]
+            meta = {
+                "schema": SCHEMA_VERSION, "recipe": recipe["recipe"]["name"], "scene": scene, "style": style,
+                "recipient": recipient, "relation": relation, "constraint": constraint,
+                "constraint_index": int(ci), "max_chars": int(cap),
+                "provenance": {"source": "hand-written", "author": AUTHOR},
+            }
+            if kind == "defects":
+                meta["defect"] = cols[6].strip()
+                meta["provenance"] = {"source": "hand-written-defect", "author": AUTHOR}
+            rec = {
+                "id": content_id("ref" if kind == "blessings" else "bad", scene, style, recipient, output),
+                "instruction": recipe["recipe"]["system"],
+                "input": recipe["recipe"]["input_template"].format(
+                    recipient=recipient, wish=scenes[scene]["wish"], style=style),
+                "output": output,
+                "meta": meta,
+            }
+            if rec["id"] in seen:
+                problems.append(f"{where}: duplicate of an earlier line")
+                continue
+            seen.add(rec["id"])
+            if kind == "blessings":
+                problems += [f"{where}: {p}: {output}" for p in check_good(recipe, rec)]
+            records.append(rec)
+    return records, problems
+
+
+def main() -> int:
+    recipe = load_recipe()
+    status = 0
+    for kind in ("blessings", "defects"):
+        records, problems = build(kind, recipe)
+        for p in problems:
+            print(p, file=sys.stderr)
+        status |= bool(problems)
+        if records:
+            with open(OUT / f"{kind}.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(dumps(r) + "\n" for r in records)
+        print(f"{kind}: {len(records)} records, {len(problems)} problems")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
