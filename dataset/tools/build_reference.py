@@ -59,7 +59,8 @@ def check_good(recipe: dict, rec: dict) -> list[str]:
     if m["style"] == "小红书":
         if not 1 <= e <= 2:
             problems.append(f"小红书 needs 1-2 emoji, has {e}")
-        tail = EMOJI.sub("", out).rstrip("！!~～。.，, ")
+        # Drop whole emoji clusters (with their variation selectors and ZWJs) before looking at the last word.
+        tail = "".join(g for g in regex.findall(r"\X", out) if not EMOJI.search(g)).rstrip("！!~～。.，, ")
         if not tail or tail[-1] not in PARTICLES:
             problems.append("小红书 should end on a modal particle")
     elif m["style"] == "严肃" and e:
