@@ -1,0 +1,64 @@
+"""`python -m curate run INPUT… --out DIR [--config curate.toml] [--strict]`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from curate.config import ConfigError, load_config
+
+EPILOG = """exit codes:
+  0  done (bad lines, if any, are listed on stderr and kept in DIR/quarantine.jsonl)
+  1  --strict and at least one bad line
+  2  usage error, unreadable config or recipe, or no valid record was read"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m curate", description="Sort greeting records into "
+                                 "approved / doubtful / rejected with reasons.", epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="curate JSONL / JSON-array files", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("inputs", nargs="+", help="input files or globs")
+    r.add_argument("--out", required=True, help="output directory")
+    r.add_argument("--config", help="curate.toml (CurateConfig keys, optionally under [curate])")
+    r.add_argument("--strict", action="store_true", help="exit 1 if any input line is bad")
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:
+        return 0 if e.code == 0 else 2
+
+    from curate.filters import Context
+    from curate.pipeline import run
+    try:
+        config = load_config(args.config)
+        ctx = Context(config)
+    except (ConfigError, OSError, ValueError) as e:
+        print(f"curate: {e}", file=sys.stderr)
+        return 2
+    summary = run(args.inputs, args.out, config, ctx)
+    for p in summary.problems:
+        print(str(p), file=sys.stderr)
+    _table(summary)
+    if summary.valid == 0:
+        print("curate: no valid record was read", file=sys.stderr)
+        return 2
+    if args.strict and summary.problems:
+        return 1
+    return 0
+
+
+def _table(summary) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=f"curate  (config {summary.config_hash[:12]})")
+    t.add_column("filter")
+    for c in ("rejected", "doubtful", "skipped"):
+        t.add_column(c, justify="right")
+    for name, c in sorted(summary.by_filter.items()):
+        t.add_row(name, str(c.get("rejected", 0)), str(c.get("doubtful", 0)), str(c.get("skipped", 0)))
+    t.add_section()
+    for v in ("approved", "doubtful", "rejected"):
+        t.add_row(f"[bold]{v}", str(summary.counts.get(v, 0)), "", "")
+    t.add_row("bad lines", str(len(summary.problems)), "", "")
+    Console(stderr=False).print(t)

@@ -1,0 +1,347 @@
+"""The filters: one small class each, `check(rec, info, ctx)` → Verdict or None (None = nothing to say).
+
+`info` is the record's resolved meta (scene, style, relation, …): taken from `meta`, else derived from `input`
+via the recipe's lists, else missing — a filter that needs a missing field raises Skip, counted in report.json.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import regex
+
+from distillery.text import char_count as _char_count
+
+from curate.config import CurateConfig
+
+REJECTED, DOUBTFUL, APPROVED = "rejected", "doubtful", "approved"
+RANK = {APPROVED: 0, DOUBTFUL: 1, REJECTED: 2}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    verdict: str      # doubtful | rejected
+    detail: str       # human-readable reason
+    score: float = 1.0
+
+
+class Skip(Exception):
+    """The filter needs a field this record has not and cannot derive."""
+
+
+class Context:
+    """Recipe lists and config, precomputed once per run."""
+
+    def __init__(self, config: CurateConfig, recipe_path: Optional[str] = None):
+        self.config = config
+        path = Path(recipe_path or config.recipe)
+        with open(path, "rb") as f:
+            self.recipe = tomllib.load(f)
+        r = self.recipe
+        self.relation_of = {x["name"]: x["relation"] for x in r.get("recipients", [])}
+        self.scene_of_wish = {s["wish"]: s["name"] for s in r.get("scenes", [])}
+        self.styles = [s["name"] for s in r.get("styles", [])]
+        self.constraints = {c["text"]: c for c in r.get("constraints", [])}
+        self.examples = [e for s in r.get("styles", []) for e in s.get("examples", [])]
+        alt = lambda xs: "|".join(regex.escape(x) for x in sorted(xs, key=len, reverse=True))  # noqa: E731
+        # "祝{recipient}{wish},{style}风格", tolerant of full-width comma and spaces.
+        self.input_re = regex.compile(
+            rf"^\s*祝?(?P<recipient>.*?)(?P<wish>{alt(self.scene_of_wish)})\s*[,，]?\s*(?:(?P<style>{alt(self.styles)})风格)?")
+        self.slang_re = regex.compile("|".join(regex.escape(s) for s in config.slang), regex.I) if config.slang else None
+
+    def resolve(self, rec: dict) -> dict:
+        meta = rec.get("meta") or {}
+        info = {k: meta.get(k) for k in ("scene", "style", "recipient", "relation", "constraint", "max_chars",
+                                          "finish_reason")}
+        if not (info["scene"] and info["style"] and info["recipient"]):
+            m = self.input_re.match(rec.get("input", ""))
+            if m:
+                info["scene"] = info["scene"] or self.scene_of_wish[m["wish"]]
+                info["style"] = info["style"] or m["style"]
+                info["recipient"] = info["recipient"] or (m["recipient"] or None)
+        if not info["relation"] and info["recipient"]:
+            info["relation"] = self.relation_of.get(info["recipient"])
+        return info
+
+
+EMOJI = regex.compile(r"\p{Extended_Pictographic}")
+GRAPHEME = regex.compile(r"\X")
+PARTICLES = "呀啊呢哦吧啦哟嘛哈噢喔"
+
+
+_SIMPLE = regex.compile(r"[^\p{Han}\p{P}\p{N}\p{Latin}\s]")
+_SPACE = regex.compile(r"\s")
+
+
+def char_count(text: str) -> int:
+    """distillery.text.char_count, with a fast path: when every char is Han, punctuation, digit, Latin letter or
+    whitespace, each non-space char is its own grapheme cluster, so no clustering is needed."""
+    if _SIMPLE.search(text):
+        return _char_count(text)
+    return len(text) - len(_SPACE.findall(text))
+
+
+def emoji_list(text: str) -> list[str]:
+    if not EMOJI.search(text):  # fast path: most text has none
+        return []
+    return [g for g in GRAPHEME.findall(text) if EMOJI.search(g)]
+
+
+def need(info: dict, key: str):
+    v = info.get(key)
+    if v is None or v == "":
+        raise Skip(key)
+    return v
+
+
+class LengthFilter:
+    """字数 < max_chars, as the prompt asks; far too short for the cap is a fragment, not a greeting."""
+    name = "length"
+
+    def check(self, rec, info, ctx):
+        cap = need(info, "max_chars")
+        n = char_count(rec["output"])
+        c = ctx.config
+        if n >= cap:
+            return Verdict(REJECTED, f"{n} 字, the prompt asked for fewer than {cap}", n / cap)
+        low = max(c.fragment_min_chars, c.fragment_ratio * cap)
+        if n < low:
+            return Verdict(REJECTED, f"fragment: {n} 字, far too short for a cap of {cap}", n / cap)
+        if c.length_doubtful_margin and n >= cap - c.length_doubtful_margin:
+            return Verdict(DOUBTFUL, f"{n} 字, at the edge of the cap {cap}", n / cap)
+        return None
+
+
+TRUNC_END = regex.compile(r"(?:(?<![常永同自长实存所])在|早日|取得|获得|能够|希望|一定|祝您|祝你|愿您|愿你|继续|更加|越来越|都能|一起|[，、,；;：:（(“「《—]|[的和与及把被让给跟从而但并且越健幸吉阖万]|(?:作|业|事|利)顺|身体健|快|一切如)\s*$")
+
+
+class TruncationFilter:
+    """Cut by max_tokens (finish_reason length) or ending mid-clause."""
+    name = "truncation"
+
+    def check(self, rec, info, ctx):
+        if info.get("finish_reason") == "length":
+            return Verdict(REJECTED, "teacher stopped at max_tokens (finish_reason length)")
+        out = rec["output"].rstrip()
+        tail = out[-4:]
+        if TRUNC_END.search(tail) and not EMOJI.search(tail[-1:]):
+            if out.endswith("快") and not out.endswith(("快快", "爽快", "畅快", "欢快", "轻快", "飞快", "勤快")):
+                return Verdict(REJECTED, f"ends mid-clause: …{out[-6:]}")
+            if not out.endswith("快"):
+                return Verdict(REJECTED, f"ends mid-clause: …{out[-6:]}")
+        return None
+
+
+PARTICLE_AFTER_MARK = regex.compile(r"[！!。.？?][~～]*[" + PARTICLES + r"]")
+PUNCT_RUN = regex.compile(r"[！!]{2,}|[~～]{2,}|。{2,}|[？?]{2,}|[，,]{2,}|[！!？?。][~～]|[!?,;:][，。！？；：、]|[，。！？；：、][!?,;:]|[！!？?][。.，,、]|。[！!？?，]")
+HALF = regex.compile(r"(?<=\p{Han})[,!?;:]|[,!?;:](?=\p{Han})")
+FULL = regex.compile(r"[，。！？；：、]")
+
+
+class PunctuationFilter:
+    """Particles after a terminal mark (！啦~), runs (！！！ ~~~), full/half-width punctuation mixed."""
+    name = "punctuation"
+
+    def check(self, rec, info, ctx):
+        out = rec["output"]
+        m = PARTICLE_AFTER_MARK.search(out)
+        if m:
+            return Verdict(REJECTED, f"particle after a terminal mark: {m.group()!r}")
+        m = PUNCT_RUN.search(out)
+        if m:
+            return Verdict(REJECTED, f"punctuation run or mix: {m.group()!r}")
+        if HALF.search(out):
+            if FULL.search(out):
+                return Verdict(REJECTED, "full-width and half-width punctuation mixed")
+            return Verdict(DOUBTFUL, "half-width punctuation in Chinese text", 0.5)
+        return None
+
+
+MARKDOWN = regex.compile(
+    r"(?m)^\s*#{1,6}\s|\*\*[^*]+\*\*|__[^_]+__|标题\s*[：:]|^\s*(?:\d+[.、)）]|[-*•·]\s)|^\s*【[^】]*】|祝福语\s*[：:]")
+WRAP = regex.compile(r'^\s*(?:“.*”|".*"|「.*」|『.*』|《.*》|‘.*’|\'.*\')\s*$', regex.S)
+
+
+class MarkdownFilter:
+    """Titles, markdown, list bullets and wrapping quotes: the prompt asked for the greeting only."""
+    name = "markdown"
+
+    def check(self, rec, info, ctx):
+        out = rec["output"]
+        m = MARKDOWN.search(out)
+        if m:
+            return Verdict(REJECTED, f"title or markdown: {m.group().strip()!r}")
+        if WRAP.match(out):
+            return Verdict(REJECTED, "wrapped in quotes")
+        lines = [x for x in out.splitlines() if x.strip()]
+        if len(lines) > 1 and char_count(lines[0]) <= 12 and not regex.search(r"[，。！？!?,]\s*$", lines[0]):
+            return Verdict(REJECTED, f"title line: {lines[0].strip()!r}")
+        return None
+
+
+META_TALK = regex.compile(
+    r"^\s*(?:好的|好嘞|当然|没问题|可以的|收到)[，,。！!：:]|以下是|下面是|如下[：:]|如下所示|希望(?:你|您)(?:会)?喜欢|希望(?:这|以上)"
+    r"|作为(?:一个|一名)?(?:AI|人工智能|语言模型|助手)|我是(?:一个)?(?:AI|人工智能)|抱歉|对不起，我|我(?:无法|不能)"
+    r"|^\s*(?:嗯|当然可以|好的)|用户|共\s*\d+\s*字|符合要求|这是一(?:条|段|句)|供(?:您|你)参考|[（(]\s*\d+\s*字\s*[)）]|字数\s*[：:]|^\s*注\s*[：:]|祝福语(?:已|为)|这(?:条|是一条)祝福", regex.I | regex.M)
+
+
+class MetaTalkFilter:
+    """Chatter around the greeting (好的，以下是…, 希望你喜欢) and refusals."""
+    name = "meta_talk"
+
+    def check(self, rec, info, ctx):
+        m = META_TALK.search(rec["output"])
+        if m:
+            return Verdict(REJECTED, f"meta talk or refusal: {m.group().strip()!r}")
+        return None
+
+
+class StyleFilter:
+    """小红书: 1–2 emoji and a modal particle at the end; 严肃: no emoji, no slang; emoji spam anywhere."""
+    name = "style"
+
+    def check(self, rec, info, ctx):
+        out = rec["output"]
+        c = ctx.config
+        emo = emoji_list(out)
+        if len(emo) >= c.emoji_spam:
+            return Verdict(REJECTED, f"emoji spam: {len(emo)} emoji", len(emo))
+        style = need(info, "style")
+        if style == "小红书":
+            if not emo:
+                return Verdict(REJECTED, "小红书 style without emoji")
+            tail = EMOJI.sub("", out).rstrip("！!~～。.，, \u200d\ufe0f")
+            if not tail or tail[-1] not in PARTICLES:
+                return Verdict(REJECTED, f"小红书 style should end on a modal particle, ends …{tail[-4:]}")
+            if len(emo) > 2:
+                return Verdict(DOUBTFUL, f"小红书 asks for 1–2 emoji, has {len(emo)}", len(emo))
+        elif style == "严肃":
+            if emo:
+                return Verdict(REJECTED, f"严肃 style with emoji {''.join(emo)}")
+            if ctx.slang_re:
+                m = ctx.slang_re.search(out)
+                if m:
+                    return Verdict(REJECTED, f"严肃 style with internet slang {m.group()!r}")
+        else:
+            if len(emo) >= 2 and len(set(emo)) < len(emo):
+                return Verdict(REJECTED, f"repeated emoji in {style} style: {''.join(emo)}")
+            if len(emo) >= c.normal_emoji_doubtful:
+                return Verdict(DOUBTFUL, f"{len(emo)} emoji in {style} style", len(emo))
+        return None
+
+
+class ConstraintFilter:
+    """Phrases the prompt's constraint sentence forbids (愿你/祝你); 祝你 to one's own elders is allowed."""
+    name = "constraint"
+
+    def check(self, rec, info, ctx):
+        text = info.get("constraint")
+        if text is None:
+            raise Skip("constraint")
+        c = ctx.constraints.get(text)
+        if not c or not c.get("forbids"):
+            return None
+        out = rec["output"]
+        bad = [p for p in c["forbids"] if p in out]
+        if c.get("elder_exception") and info.get("relation") == "长辈":
+            bad = [p for p in bad if p != "祝你"]
+        if bad:
+            return Verdict(REJECTED, f"contains {'/'.join(bad)}, which the constraint forbids")
+        return None
+
+
+# Words that name an occasion. A text naming another scene's words (and not its own) is off-topic.
+OCCASION_WORDS = {
+    "生日": ["生日", "生辰"], "春节": ["春节", "新春", "拜年", "过年", "新年"], "元宵节": ["元宵", "汤圆", "花灯", "灯会"],
+    "端午节": ["端午", "粽子", "龙舟", "粽"], "七夕节": ["七夕", "鹊桥", "牛郎", "织女"],
+    "中秋节": ["中秋", "月饼", "赏月"], "重阳节": ["重阳", "登高", "茱萸"], "除夕": ["除夕", "守岁", "年夜饭"],
+    "腊八节": ["腊八"], "乔迁新居": ["乔迁", "新居", "搬家"], "新婚快乐": ["新婚", "新娘", "新郎", "百年好合", "喜结连理"],
+    "康复": ["康复", "病"], "工作升职": ["升职", "晋升", "高升"], "比赛取得好成绩": ["比赛", "夺冠", "赛场"],
+    "周年纪念": ["周年", "纪念日"], "谈判顺利": ["谈判", "签约"],
+}
+# Occasions that legitimately share words (the new-year season; a wedding anniversary; …).
+COMPATIBLE = {
+    "春节": {"除夕", "元宵节"}, "除夕": {"春节"}, "元宵节": {"春节"}, "腊八节": {"春节", "除夕"},
+    "周年纪念": {"新婚快乐"}, "新婚快乐": {"周年纪念"}, "七夕节": {"周年纪念"}, "重阳节": {"生日"}, "发财": {"春节", "除夕"}, "端午节": {"比赛取得好成绩"},
+}
+OCCASION_RE = regex.compile("|".join(sorted({w for ws in OCCASION_WORDS.values() for w in ws}, key=len, reverse=True)))
+WORD_SCENE = {w: s for s, ws in OCCASION_WORDS.items() for w in ws}
+FORMAL = {"长辈", "师长", "上级", "客户"}
+TOO_INTIMATE = regex.compile(r"^亲[，,~！!]|老[王赵李张陈刘]|哈哈|^哟|乖乖|听话|买糖|小朋友|宝贝|宝子|亲爱的|哥们|老铁|兄弟们|姐妹们|亲~|么么哒|亲亲|小可爱|家人们|集美")
+
+
+class FitFilter:
+    """Does it fit the cell: the right occasion, a tone that suits the relation."""
+    name = "fit"
+
+    def check(self, rec, info, ctx):
+        out = rec["output"]
+        scene = info.get("scene")
+        relation = info.get("relation")
+        if not scene and not relation:
+            raise Skip("scene/relation")
+        if scene:
+            ok = {scene} | COMPATIBLE.get(scene, set())
+            for m in OCCASION_RE.finditer(out):
+                other = WORD_SCENE[m.group()]
+                if other not in ok and not (other == "康复" and scene != "生日"):
+                    return Verdict(DOUBTFUL, f"names another occasion ({m.group()} → {other}) than {scene}")
+                if other == "康复" and scene not in ("康复",) and "病" not in m.group():
+                    return Verdict(DOUBTFUL, f"names another occasion ({m.group()}) than {scene}")
+        if relation == "晚辈" and "您" in out:
+            return Verdict(DOUBTFUL, "您 to a younger person")
+        if relation in FORMAL:
+            m = TOO_INTIMATE.search(out)
+            if m:
+                return Verdict(DOUBTFUL, f"{m.group()!r} is too intimate for {relation}")
+        if relation in ("伴侣", "朋友", "平辈", "晚辈") and info.get("style") != "严肃":
+            m = OFFICIALESE.search(out)
+            if m:
+                return Verdict(DOUBTFUL, f"{m.group()!r} is too formal for {relation}")
+        return None
+
+
+OFFICIALESE = regex.compile(r"谨向|致以|崇高的敬意|值此.{0,8}之际.{0,10}(?:谨|致)|尊敬的(?:夫人|先生|女士)")
+TRADITIONAL = set(
+    "樂萬歲與為們說個來時間過後會還對開關體發聖誕節慶壽願順達興財運歡愛國圓餅龍點兒實現學習從華貴幣氣車邊傳東長門問書夢幾麼這裡讓誰將"
+    "業績專寶貝壯聯絡陽陰紅綠豐鄉親雙喬遷寧賀禮燈圍團闔覺無號稱謝戰勝級職陳張劉趙師紀鳳鴻齊麗頭齡餘飯飲語話誠調輕鬆務週晉陞帶獎贏賽"
+    "顏題養應憶懷態戀變據藝藥處見觀計記許詞試詩認請讀負責費資賞賺質購輝輩農遠邁醫鐘陸隨險際雖雞雲電靜願顧飛馬驚魚鮮鳥黃遊闆係衛歷曆"
+    "穩擁閃燦爛溫滿聰穎勞榮譽優錢緣結縣協議談樣顆顯總經領導祿風貼紙燭蠟舉辦區療癒況極偉綿壇橋舊蘭歸漢廣嗎織聽愛"
+)
+TRAD_RE = regex.compile("[" + "".join(sorted(TRADITIONAL)) + "]")
+MOJIBAKE = regex.compile(r"锟斤拷|烫烫|屯屯|\ufffd|[\u0080-\u009f]|[\u00c0-\u00ff][\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc\u2013-\u203a\u20ac\u2122]|[ÃÂæåäçéè][^\p{Han}\s]")
+ENGLISH = regex.compile(r"[A-Za-z]{2,}")
+
+
+class LanguageFilter:
+    """Simplified Chinese only: no English words, no traditional characters, no mojibake."""
+    name = "language"
+
+    def check(self, rec, info, ctx):
+        out = rec["output"]
+        m = MOJIBAKE.search(out)
+        if m:
+            return Verdict(REJECTED, f"mojibake: {m.group()!r}")
+        if out.isascii() or ENGLISH.search(out):
+            allow = {w.lower() for w in ctx.config.english_allow}
+            words = [w for w in ENGLISH.findall(out) if w.lower() not in allow]
+            if words:
+                return Verdict(REJECTED, f"English words: {' '.join(words[:5])}")
+        m = TRAD_RE.findall(out)
+        if m:
+            return Verdict(REJECTED, f"traditional characters: {''.join(m[:8])}", len(m))
+        return None
+
+
+ALL = {f.name: f for f in (LengthFilter, TruncationFilter, PunctuationFilter, MarkdownFilter, MetaTalkFilter,
+                           StyleFilter, ConstraintFilter, FitFilter, LanguageFilter)}
+
+
+def build_filters(config: CurateConfig) -> list:
+    """The per-record filters named in the config (duplicates run separately, see curate.dedup)."""
+    return [ALL[n]() for n in config.filters if n in ALL]
+
+
+from curate.dedup import normalise  # noqa: E402,F401  (re-exported for callers that had it here)

@@ -1,0 +1,5 @@
+import sys
+
+from curate.review.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""synth: plan prompts from a recipe and collect teacher answers as distillery records."""

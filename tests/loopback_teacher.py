@@ -1,0 +1,190 @@
+"""A real OpenAI-compatible chat-completions server on 127.0.0.1 for tests and benchmarks.
+
+POST /v1/chat/completions answers after `latency` seconds, or injects a fault chosen deterministically from
+(seed, prompt key, how many times that key was seen), so a retry of the same prompt may succeed. GET /stats
+returns what was served. Use in-process (`with LoopbackTeacher(...) as t: t.base_url`) or as a subprocess:
+`python tests/loopback_teacher.py --port 0 --latency 0.2 --fault 429=0.05 --fault 500=0.02` (prints the port).
+
+Faults: 429 (with Retry-After), 500, 503, drop (connection closed with no response), malformed (200 with a
+broken JSON body), slow (sleeps `slow_s`), length (finish_reason "length"), 401 (every request, see `auth`).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import threading
+import time
+from collections import Counter
+
+from aiohttp import web
+
+FAULTS = ("429", "500", "503", "drop", "malformed", "slow", "length")
+
+
+class LoopbackTeacher:
+    def __init__(self, latency: float = 0.0, faults: dict[str, float] | None = None, seed: int = 0,
+                 retry_after: float = 1.0, slow_s: float = 5.0, api_key: str | None = None,
+                 echo_key_on_401: bool = True, host: str = "127.0.0.1", port: int = 0):
+        self.latency = latency
+        self.faults = {k: float(v) for k, v in (faults or {}).items()}
+        unknown = set(self.faults) - set(FAULTS)
+        if unknown:
+            raise ValueError(f"unknown faults: {sorted(unknown)}")
+        self.seed = seed
+        self.retry_after = retry_after
+        self.slow_s = slow_s
+        self.api_key = api_key  # None: accept any key; else anything else gets 401
+        self.echo_key_on_401 = echo_key_on_401  # like real APIs, quote the bad key back (tests check redaction)
+        self.host, self.port = host, port
+        self.requests = 0
+        self.seen: Counter[str] = Counter()      # requests per prompt key
+        self.served_ok: Counter[str] = Counter()  # successful (stop) answers per prompt key
+        self.outcomes: Counter[str] = Counter()
+        self.times: list[float] = []              # wall-clock arrival time of every request
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+
+    # -- fault choice: deterministic per (seed, key, occurrence)
+    def _fault(self, key: str, k: int) -> str | None:
+        if not self.faults:
+            return None
+        h = hashlib.sha256(f"{self.seed}\x1f{key}\x1f{k}".encode()).digest()
+        u = int.from_bytes(h[:8], "big") / 2**64
+        acc = 0.0
+        for name in FAULTS:
+            acc += self.faults.get(name, 0.0)
+            if u < acc:
+                return name
+        return None
+
+    def stats(self) -> dict:
+        return {"requests": self.requests, "seen": dict(self.seen), "served_ok": dict(self.served_ok),
+                "outcomes": dict(self.outcomes), "times": list(self.times)}
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats())
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        self.times.append(time.time())
+        if self.api_key is not None:
+            auth = request.headers.get("Authorization", "")
+            if auth != f"Bearer {self.api_key}":
+                self.outcomes["401"] += 1
+                bad = auth.removeprefix("Bearer ")
+                msg = f"Incorrect API key provided: {bad}" if self.echo_key_on_401 else "Incorrect API key"
+                return web.json_response({"error": {"message": msg, "type": "invalid_request_error",
+                                                    "code": "invalid_api_key"}}, status=401)
+        body = await request.json()
+        content = str(body["messages"][-1]["content"])
+        key = request.headers.get("X-Prompt-Id") or content
+        k = self.seen[key]
+        self.seen[key] += 1
+        fault = self._fault(key, k)
+        self.outcomes[fault or "ok"] += 1
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        if fault == "429":
+            return web.json_response({"error": {"message": "Rate limit reached", "type": "rate_limit"}},
+                                     status=429, headers={"Retry-After": f"{self.retry_after:g}",
+                                                          "retry-after-ms": str(int(self.retry_after * 1000))})
+        if fault in ("500", "503"):
+            return web.json_response({"error": {"message": "server error"}}, status=int(fault))
+        if fault == "drop":
+            request.transport.close()  # connection closed mid-request, no response at all
+            raise asyncio.CancelledError
+        if fault == "malformed":
+            return web.Response(status=200, body=b'{"id": "x", "choices": [{"mess', content_type="application/json")
+        if fault == "slow":
+            await asyncio.sleep(self.slow_s)
+        n = int(body.get("n") or 1)
+        finish = "length" if fault == "length" else "stop"
+        digest = hashlib.sha256(content.encode()).hexdigest()[:6]
+        choices = [{"index": i, "finish_reason": finish,
+                    "message": {"role": "assistant", "content": f"  祝您万事如意，心想事成！({digest}-{i})\n"}}
+                   for i in range(n)]
+        if finish == "stop":
+            self.served_ok[key] += 1
+        return web.json_response({
+            "id": f"chatcmpl-{digest}", "object": "chat.completion", "created": int(time.time()),
+            "model": body.get("model", "loopback"), "choices": choices,
+            "usage": {"prompt_tokens": len(content), "completion_tokens": 20 * n, "total_tokens": len(content) + 20 * n},
+        })
+
+    def _app(self) -> web.Application:
+        app = web.Application(client_max_size=8 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/stats", self._stats)
+        return app
+
+    async def start_async(self) -> None:
+        self._runner = web.AppRunner(self._app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    # -- background thread
+    def start(self) -> "LoopbackTeacher":
+        ready = threading.Event()
+
+        def _main():
+            self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(self.start_async())
+            ready.set()
+            self._loop.run_forever()
+            self._loop.run_until_complete(self._runner.cleanup())
+            self._loop.close()
+
+        self._thread = threading.Thread(target=_main, daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop and self._thread:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+    def __enter__(self) -> "LoopbackTeacher":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--latency", type=float, default=0.0)
+    ap.add_argument("--fault", action="append", default=[], help="NAME=PROBABILITY, e.g. 429=0.05")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--retry-after", type=float, default=1.0)
+    ap.add_argument("--slow-s", type=float, default=5.0)
+    ap.add_argument("--api-key")
+    a = ap.parse_args()
+    faults = dict(f.split("=", 1) for f in a.fault)
+    t = LoopbackTeacher(a.latency, faults, a.seed, a.retry_after, a.slow_s, a.api_key, host=a.host, port=a.port)
+
+    async def serve():
+        await t.start_async()
+        print(json.dumps({"port": t.port, "base_url": t.base_url}), flush=True)
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""curate: each filter on hand-written good and bad cases, the reference corpora, the CLI end to end, determinism."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from curate import CurateConfig, load_config
+from curate.cli import main
+from curate.dedup import DedupIndex
+from curate.filters import ALL, Context
+from curate.pipeline import Summary, curate_records
+
+ROOT = Path(__file__).resolve().parents[1]
+BLESSINGS = ROOT / "dataset/reference/blessings.jsonl"
+DEFECTS = ROOT / "dataset/reference/defects.jsonl"
+C1 = "回答中可以不出现对象称谓和场景信息，也不用出现“愿你”“祝你”（对自己的长辈需要出现对象称谓和祝你），"
+C3 = "回答中不用出现“愿你”“祝你”"
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    return Context(CurateConfig(recipe=str(ROOT / "dataset/recipes/blessing.toml")))
+
+
+def rec(output, scene="生日", style="正常", recipient="妈妈", relation="长辈", constraint="", max_chars=50, **meta):
+    return {"instruction": "你现在是一个送祝福大师", "input": f"祝{recipient}生日快乐,{style}风格", "output": output,
+            "meta": {"scene": scene, "style": style, "recipient": recipient, "relation": relation,
+                     "constraint": constraint, "max_chars": max_chars, **meta}}
+
+
+def verdict(ctx, name, r):
+    r.setdefault("id", "t")
+    return ALL[name]().check(r, ctx.resolve(r), ctx)
+
+
+GOOD = rec("妈妈，生日快乐！愿您身体健康，天天开心。")
+
+CASES = [  # (filter, record, expected verdict)
+    ("length", rec("妈妈，生日快乐！愿您身体健康，天天开心。", max_chars=20), "rejected"),   # 20 字 = cap
+    ("length", rec("生日快乐", max_chars=50), "rejected"),                               # fragment
+    ("length", rec("好的", max_chars=20), "rejected"),
+    ("truncation", rec("祝您在新的一年里身体健康，工作顺"), "rejected"),
+    ("truncation", rec("祝您身体健康，"), "rejected"),
+    ("truncation", rec("希望今年中秋我们一家人都能在"), "rejected"),
+    ("truncation", rec("妈妈生日快乐！", finish_reason="length"), "rejected"),
+    ("punctuation", rec("生日快乐！啦~"), "rejected"),
+    ("punctuation", rec("生日快乐。呀"), "rejected"),
+    ("punctuation", rec("生日快乐！！！"), "rejected"),
+    ("punctuation", rec("生日快乐!，身体健康"), "rejected"),
+    ("punctuation", rec("生日快乐,身体健康!"), "doubtful"),
+    ("markdown", rec("# 生日祝福\n妈妈生日快乐！"), "rejected"),
+    ("markdown", rec("**祝福语**：妈妈生日快乐！"), "rejected"),
+    ("markdown", rec("“妈妈，生日快乐！”"), "rejected"),
+    ("markdown", rec("1. 妈妈生日快乐！"), "rejected"),
+    ("markdown", rec("标题：生日祝福 妈妈生日快乐！"), "rejected"),
+    ("meta_talk", rec("好的，以下是为您准备的祝福语：妈妈生日快乐！"), "rejected"),
+    ("meta_talk", rec("妈妈生日快乐！希望你喜欢！"), "rejected"),
+    ("meta_talk", rec("作为一个AI，我无法真正送出祝福"), "rejected"),
+    ("style", rec("新的一岁也要开心", style="小红书", relation="朋友", recipient="闺蜜"), "rejected"),
+    ("style", rec("新的一岁也要开心🎂", style="小红书", relation="朋友", recipient="闺蜜"), "rejected"),
+    ("style", rec("新的一岁也要开心呀🎂🎉🎈", style="小红书", relation="朋友", recipient="闺蜜"), "doubtful"),
+    ("style", rec("生日快乐🎉🎉🎉🎉", relation="朋友", recipient="闺蜜"), "rejected"),
+    ("style", rec("生日快乐🎉🎉"), "rejected"),
+    ("style", rec("领导生日快乐🎂", style="严肃", relation="上级", recipient="领导"), "rejected"),
+    ("style", rec("领导生日快乐，yyds", style="严肃", relation="上级", recipient="领导"), "rejected"),
+    ("constraint", rec("祝你生日快乐！", constraint=C3, relation="朋友", recipient="闺蜜"), "rejected"),
+    ("constraint", rec("愿你天天开心！", constraint=C1, relation="朋友", recipient="闺蜜"), "rejected"),
+    ("fit", rec("妈妈中秋快乐，月圆人团圆！", scene="春节"), "doubtful"),
+    ("fit", rec("宝贝，祝您生日快乐！", relation="晚辈", recipient="女儿"), "doubtful"),
+    ("fit", rec("哥们，生日快乐！", relation="上级", recipient="领导"), "doubtful"),
+    ("language", rec("Happy birthday，妈妈！"), "rejected"),
+    ("language", rec("祝您生日快樂，萬事如意"), "rejected"),
+    ("language", rec("ç¥ä½ ç生日"), "rejected"),
+    ("language", rec("生日快乐\ufffd\ufffd"), "rejected"),
+]
+
+GOOD_CASES = [  # (filter, record): nothing to say
+    ("length", rec("妈妈，生日快乐！", max_chars=20)),
+    ("truncation", rec("愿您平安常在")),
+    ("truncation", rec("妈妈生日快乐！")),
+    ("punctuation", rec("生日快乐！开心每一天~")),
+    ("punctuation", rec("一路走来……谢谢您。")),
+    ("markdown", GOOD),
+    ("meta_talk", GOOD),
+    ("style", rec("新的一岁也要闪闪发光呀✨", style="小红书", relation="朋友", recipient="闺蜜")),
+    ("style", rec("祝李总生日快乐，事业蒸蒸日上。", style="严肃", relation="上级", recipient="李总")),
+    ("constraint", rec("妈妈，祝你生日快乐！", constraint=C1)),       # elder exception
+    ("constraint", rec("生日快乐，天天开心！", constraint=C3, relation="朋友", recipient="闺蜜")),
+    ("fit", rec("除夕守岁，新春快乐！", scene="春节")),
+    ("fit", GOOD),
+    ("language", GOOD),
+]
+
+
+@pytest.mark.parametrize("name,r,want", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_filter_catches(ctx, name, r, want):
+    v = verdict(ctx, name, r)
+    assert v is not None and v.verdict == want, (r["output"], v)
+    assert v.detail
+
+
+@pytest.mark.parametrize("name,r", GOOD_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(GOOD_CASES)])
+def test_filter_passes_good(ctx, name, r):
+    assert verdict(ctx, name, r) is None
+
+
+def test_meta_derived_from_input(ctx):
+    r = {"instruction": "x", "input": "祝赵老师元宵节快乐,严肃风格", "output": "赵老师元宵节快乐🏮"}
+    info = ctx.resolve(r)
+    assert (info["recipient"], info["relation"], info["scene"], info["style"]) == ("赵老师", "师长", "元宵节", "严肃")
+    assert verdict(ctx, "style", r).verdict == "rejected"
+    s = Summary()
+    list(curate_records([dict(r)], ctx, s, None))
+    assert s.by_filter["length"]["skipped"] == 1 and s.by_filter["constraint"]["skipped"] == 1
+
+
+def test_dedup_exact_and_near():
+    idx = DedupIndex(threshold=0.6)
+    assert idx.check_add("a", "妈妈，生日快乐！愿您身体健康，天天开心，万事如意。") is None
+    assert idx.check_add("b", "妈妈生日快乐 愿您身体健康 天天开心 万事如意🎂") == ("a", 1.0)
+    near = idx.check_add("c", "妈妈，生日快乐！愿您身体安康，天天开心，万事如意。")
+    assert near is not None and near[0] == "a" and near[1] < 1.0
+    assert idx.check_add("d", "李总，谈判顺利，合作共赢，前程似锦。") is None
+
+
+def test_duplicates_in_pipeline_and_examples(ctx):
+    from curate.pipeline import build_index
+    c = CurateConfig(recipe=ctx.config.recipe, dedup_reference="")
+    cx = Context(c)
+    recs = [rec("妈妈，生日快乐！愿您身体健康，天天开心。"), rec("妈妈，生日快乐！愿您身体健康，天天开心！"),
+            rec("新的一岁也要闪闪发光呀✨", style="小红书", relation="朋友", recipient="闺蜜")]
+    recs[1]["input"] += " "  # a different id
+    out = list(curate_records(recs, cx, Summary(), build_index(cx)))
+    assert out[0]["curation"]["verdict"] == "approved"
+    assert out[1]["curation"]["verdict"] == "rejected"
+    assert f"duplicate of {out[0]['id']}" in out[1]["curation"]["reasons"][-1]["detail"]
+    assert "recipe-example" in out[2]["curation"]["reasons"][-1]["detail"]
+
+
+@pytest.mark.skipif(not DEFECTS.exists(), reason="defects.jsonl not built")
+def test_every_defect_kind_caught(ctx):
+    from curate.pipeline import build_index
+    recs = [json.loads(x) for x in DEFECTS.read_text(encoding="utf-8").splitlines() if x.strip()]
+    out = list(curate_records(recs, ctx, Summary(), build_index(ctx)))
+    missed = [(r["meta"].get("defect"), r["output"]) for r in out if r["curation"]["verdict"] == "approved"]
+    kinds = {r["meta"].get("defect") for r in out}
+    caught_kinds = {r["meta"].get("defect") for r in out if r["curation"]["verdict"] != "approved"}
+    assert kinds == caught_kinds, missed
+    assert len(missed) <= 0.05 * len(out), missed
+
+
+@pytest.mark.skipif(not BLESSINGS.exists(), reason="blessings.jsonl not built")
+def test_reference_blessings_mostly_pass(ctx):
+    from curate.pipeline import build_index
+    c = CurateConfig(recipe=ctx.config.recipe, dedup_reference="")
+    cx = Context(c)
+    recs = [json.loads(x) for x in BLESSINGS.read_text(encoding="utf-8").splitlines() if x.strip()]
+    out = list(curate_records(recs, cx, Summary(), build_index(cx)))
+    rej = [(r["output"], r["curation"]["reasons"]) for r in out if r["curation"]["verdict"] == "rejected"]
+    dbt = [r for r in out if r["curation"]["verdict"] == "doubtful"]
+    assert len(rej) <= 0.03 * len(out), rej
+    assert len(dbt) <= 0.10 * len(out)
+
+
+def _mixed(tmp: Path) -> list[str]:
+    good = rec("妈妈，生日快乐！愿您身体健康，天天开心。")
+    bad = rec("祝您生日快樂")
+    lines = [json.dumps(good, ensure_ascii=False), json.dumps(bad, ensure_ascii=False), "{not json",
+             json.dumps({"instrution": "x", "input": "", "output": "生日快乐呀"}, ensure_ascii=False),
+             json.dumps({"instruction": "x", "input": 3, "output": "生日快乐"}),
+             json.dumps({"instruction": "x", "input": "", "output": "  "})]
+    a = tmp / "a.jsonl"
+    a.write_bytes(("\ufeff" + "\r\n".join(lines) + "\r\n").encode("utf-8") + b'{"output": "\xff\xfe"}\n')
+    b = tmp / "b.json"
+    b.write_text(json.dumps([{"instruction": "i", "input": "祝闺蜜生日快乐,小红书风格",
+                              "output": "新的一岁也要美美哒呀🎂"}], ensure_ascii=False), encoding="utf-8")
+    (tmp / "empty.jsonl").write_text("")
+    return [str(a), str(b), str(tmp / "empty.jsonl"), str(tmp / "missing.jsonl")]
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    inputs = _mixed(tmp_path)
+    out = tmp_path / "out"
+    assert main(["run", *inputs, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "did you mean instruction?" in err and "Traceback" not in err
+    assert f"{inputs[0]}:3:" in err and "missing.jsonl" in err and "empty file" in err
+    rep = json.loads((out / "report.json").read_text())
+    n = {k: len((out / f"{k}.jsonl").read_text().splitlines()) for k in ("approved", "doubtful", "rejected", "quarantine")}
+    assert n["approved"] + n["doubtful"] + n["rejected"] == rep["valid"] == 3
+    assert n["quarantine"] == rep["bad_lines"] == 7  # 5 bad lines in a.jsonl + empty + missing
+    assert n["rejected"] >= 1 and n["approved"] >= 1
+    for line in (out / "approved.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        assert r["id"] and r["curation"]["config_hash"] == rep["config_hash"]
+    assert main(["run", *inputs, "--out", str(out), "--strict"]) == 1
+    assert main(["run", inputs[2], "--out", str(out)]) == 2
+    assert main(["run", "--out", str(out)]) == 2
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("nosuchkey = 1\n")
+    assert main(["run", inputs[1], "--out", str(out), "--config", str(cfg)]) == 2
+
+
+def test_deterministic_and_subprocess(tmp_path):
+    inputs = _mixed(tmp_path)
+    outs = []
+    for k in range(2):
+        d = tmp_path / f"o{k}"
+        p = subprocess.run([sys.executable, "-m", "curate", "run", *inputs, "--out", str(d)], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert p.returncode == 0 and "Traceback" not in p.stderr
+        outs.append({f: (d / f).read_bytes() for f in ("approved.jsonl", "doubtful.jsonl", "rejected.jsonl",
+                                                          "quarantine.jsonl", "report.json")})
+    assert outs[0] == outs[1]
+
+
+def test_config_toml(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[curate]\nnear_dup_threshold = 0.8\nfilters = ["length"]\n')
+    c = load_config(p)
+    assert c.near_dup_threshold == 0.8 and c.filters == ["length"]
+    assert c.config_hash() != CurateConfig().config_hash()

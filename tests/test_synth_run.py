@@ -1,0 +1,303 @@
+"""`python -m synth run` against a real loopback teacher (tests/loopback_teacher.py): faults, crashes, limits."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loopback_teacher import LoopbackTeacher  # noqa: E402
+
+from synth.plan import iter_plan  # noqa: E402
+from synth.recipe import load_recipe  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "dataset" / "recipes" / "blessing.toml"
+KEY = "sk-test-DO-NOT-LEAK-7f3a91c2"
+
+
+def plan_ids(limit: int) -> list[str]:
+    return [p.id for p in iter_plan(load_recipe(RECIPE), 0, limit)]
+
+
+def cmd(out: Path, limit: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "synth", "run", "--recipe", str(RECIPE), "--out", str(out), "--limit", str(limit),
+            *extra]
+
+
+def env_for(base_url: str, key: str = KEY) -> dict:
+    env = dict(os.environ, OPENAI_API_KEY=key, OPENAI_BASE_URL=base_url, PYTHONPATH=str(ROOT))
+    return env
+
+
+def run_cli(out: Path, limit: int, base_url: str, *extra: str, key: str = KEY, timeout: float = 60):
+    return subprocess.run(cmd(out, limit, *extra), env=env_for(base_url, key), cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def run_inproc(monkeypatch, capfd, out: Path, limit: int, base_url: str, *extra: str, key: str = KEY):
+    """Same CLI, in this process: skips a subprocess start (importing openai alone takes seconds on a busy box)."""
+    import argparse
+
+    from synth import run as synth_run
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    monkeypatch.setenv("OPENAI_BASE_URL", base_url)
+    ap = argparse.ArgumentParser()
+    synth_run.add_arguments(ap)
+    code = synth_run.main(ap.parse_args(cmd(out, limit, *extra)[4:]))
+    o, e = capfd.readouterr()
+    return subprocess.CompletedProcess([], code, o, e)
+
+
+def lines(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def assert_no_key(out: Path, *texts: str, key: str = KEY) -> None:
+    for t in texts:
+        assert key not in t
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert key.encode() not in f.read_bytes(), f"API key leaked into {f}"
+
+
+def test_fault_mix_every_prompt_ends_as_one_record_or_one_failure(tmp_path, monkeypatch, capfd):
+    faults = {"429": 0.08, "500": 0.05, "503": 0.03, "drop": 0.05, "malformed": 0.05, "length": 0.05,
+              "slow": 0.06}
+    with LoopbackTeacher(latency=0.005, faults=faults, retry_after=0.1, slow_s=2.0) as t:
+        r = run_cli(tmp_path, 80, t.base_url, "--concurrency", "16", "--timeout", "0.5", "--max-attempts", "2")
+        stats = t.stats()
+    ids = plan_ids(80)
+    recs, fails = lines(tmp_path / "samples.jsonl"), lines(tmp_path / "failures.jsonl")
+    rec_pids = [x["meta"]["prompt_id"] for x in recs]
+    fail_ids = [x["id"] for x in fails]
+    assert len(rec_pids) == len(set(rec_pids)) and len(fail_ids) == len(set(fail_ids))
+    assert set(rec_pids).isdisjoint(fail_ids)
+    assert sorted(rec_pids + fail_ids) == sorted(ids)
+    assert fails, "with 2 attempts and ~34% faults some prompts must fail"
+    assert r.returncode == 1, r.stderr
+    assert "failures.jsonl" in r.stderr
+    assert all(x["attempts"] == 2 and x["reason"] for x in fails)
+    # every kind of fault was actually served and handled
+    assert {"429", "500", "drop", "malformed", "length", "slow"} <= set(stats["outcomes"])
+    for x in recs:
+        assert x["id"] == f"{x['meta']['prompt_id']}-0"
+        assert x["output"] == x["output"].strip() and x["output"].startswith("祝您")
+        assert x["meta"]["finish_reason"] == "stop"
+        assert x["meta"]["provenance"] == {"source": "teacher", "run": tmp_path.name}
+        assert x["meta"]["usage"]["completion_tokens"] == 20
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["done"] == len(recs) and summary["failed"] == len(fails)
+    assert summary["requests"] == stats["requests"]
+    assert_no_key(tmp_path, r.stdout, r.stderr)
+
+    # the next run retries exactly the failed prompts and completes the set (no faults now)
+    with LoopbackTeacher(latency=0.0) as t2:
+        r2 = run_inproc(monkeypatch, capfd, tmp_path, 80, t2.base_url, "--concurrency", "16")
+        s2 = t2.stats()
+    assert r2.returncode == 0, r2.stderr
+    assert sorted(s2["seen"]) == sorted(fail_ids)
+    final = [x["meta"]["prompt_id"] for x in lines(tmp_path / "samples.jsonl")]
+    assert sorted(final) == sorted(ids)
+    assert lines(tmp_path / "failures.jsonl") == []
+
+
+def test_kill_9_then_rerun_completes_without_duplicates_or_repeat_calls(tmp_path):
+    ids = plan_ids(100)
+    with LoopbackTeacher(latency=0.05) as t:
+        p = subprocess.Popen(cmd(tmp_path, 100, "--concurrency", "8"), env=env_for(t.base_url), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        samples = tmp_path / "samples.jsonl"
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if samples.exists() and samples.read_bytes().count(b"\n") >= 30:
+                break
+            time.sleep(0.02)
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+        # simulate the torn write a crash can leave behind
+        with open(samples, "ab") as f:
+            f.write(b'{"id":"p-torn-0","instruction":"x","inp')
+        first = [x["meta"]["prompt_id"] for x in lines_tolerant(samples)]
+        assert 30 <= len(first) < 100
+        r = run_cli(tmp_path, 100, t.base_url, "--concurrency", "8")
+        stats = t.stats()
+    assert r.returncode == 0, r.stderr
+    recs = lines(samples)  # parses every line: the torn one was cut
+    rec_ids = [x["id"] for x in recs]
+    assert len(rec_ids) == len(set(rec_ids))
+    assert sorted(x["meta"]["prompt_id"] for x in recs) == sorted(ids)
+    for pid in first:  # finished before the crash → never asked again
+        assert stats["served_ok"][pid] == 1 and stats["seen"][pid] == 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["skipped_already_done"] == len(first)
+
+
+def lines_tolerant(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_bytes().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
+
+
+def test_rpm_limit_is_respected_at_the_server(tmp_path, monkeypatch, capfd):
+    with LoopbackTeacher(latency=0.0) as t:
+        r = run_inproc(monkeypatch, capfd, tmp_path, 40, t.base_url, "--concurrency", "32", "--rpm", "600")
+        times = sorted(t.stats()["times"])
+    assert r.returncode == 0, r.stderr
+    assert len(times) == 40
+    # 600/min = 10/s, evenly paced: 40 requests need >= 3.9 s; a 1-second window holds 10 (+1 window edge,
+    # +2 for the arrival-time jitter of a server thread sharing the GIL with the client on a busy 2-core box)
+    assert (len(times) - 1) / (times[-1] - times[0]) <= 10.3
+    worst = max(sum(1 for u in times if s <= u < s + 1.0) for s in times)
+    assert worst <= 13, worst
+
+
+def test_request_budget_stops_cleanly_with_exit_5(tmp_path, monkeypatch, capfd):
+    with LoopbackTeacher(latency=0.01) as t:
+        r = run_inproc(monkeypatch, capfd, tmp_path, 50, t.base_url, "--concurrency", "4", "--max-requests", "12")
+        served = t.stats()["requests"]
+    assert r.returncode == 5, r.stderr
+    assert served == 12
+    assert "budget" in r.stderr
+    recs = lines(tmp_path / "samples.jsonl")
+    assert len(recs) == 12 and lines(tmp_path / "failures.jsonl") == []
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stopped"] == "budget" and summary["exit_code"] == 5
+
+
+def test_cost_budget(tmp_path, monkeypatch, capfd):
+    # recipe prices: 0.27 in / 1.1 out per Mtok; each loopback answer costs ~ (len(prompt)*0.27 + 20*1.1)/1e6
+    with LoopbackTeacher(latency=0.0) as t:
+        r = run_inproc(monkeypatch, capfd, tmp_path, 100, t.base_url, "--concurrency", "1", "--max-cost", "0.0005")
+        served = t.stats()["requests"]
+    assert r.returncode == 5, r.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 0.0005 <= summary["cost"] < 0.0005 + 0.0001  # concurrency 1: overshoot at most one request
+    assert served == summary["requests"] < 100
+
+
+def test_sigint_stops_feeding_and_leaves_valid_files(tmp_path):
+    with LoopbackTeacher(latency=0.2) as t:
+        p = subprocess.Popen(cmd(tmp_path, 200, "--concurrency", "8"), env=env_for(t.base_url), cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        samples = tmp_path / "samples.jsonl"
+        deadline = time.time() + 30
+        while time.time() < deadline and not (samples.exists() and samples.stat().st_size > 0):
+            time.sleep(0.02)
+        p.send_signal(signal.SIGINT)
+        t0 = time.time()
+        out, err = p.communicate(timeout=20)
+        took = time.time() - t0
+        served_at_stop = t.stats()["requests"]
+    assert p.returncode == 130, err
+    assert took < 5
+    assert "interrupted" in err
+    recs = lines(tmp_path / "samples.jsonl")
+    assert 0 < len(recs) < 200 and served_at_stop < 200
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stopped"] == "interrupted" and summary["done"] == len(recs)
+    assert_no_key(tmp_path, out, err)
+
+
+def test_401_stops_at_once_with_exit_3_and_never_leaks_the_key(tmp_path):
+    with LoopbackTeacher(latency=0.0, api_key="the-right-key") as t:
+        r = run_cli(tmp_path, 100, t.base_url, "--concurrency", "4")
+        served = t.stats()["requests"]
+    assert r.returncode == 3
+    assert served <= 4  # the in-flight ones, then nothing
+    err_lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(err_lines) == 1 and "401" in err_lines[0] and "Traceback" not in r.stderr
+    assert lines(tmp_path / "samples.jsonl") == []
+    assert_no_key(tmp_path, r.stdout, r.stderr)
+
+
+def test_api_key_file_is_used_and_not_leaked(tmp_path, monkeypatch, capfd):
+    keyfile = tmp_path / "key.txt"
+    keyfile.write_text("sk-from-file-SECRET-123\n")
+    out = tmp_path / "out"
+    with LoopbackTeacher(latency=0.0, api_key="sk-from-file-SECRET-123") as t:
+        r = run_inproc(monkeypatch, capfd, out, 5, t.base_url, "--api-key-file", str(keyfile), key="")
+    assert r.returncode == 0, r.stderr
+    assert len(lines(out / "samples.jsonl")) == 5
+    assert_no_key(out, r.stdout, r.stderr, key="sk-from-file-SECRET-123")
+
+
+def test_locked_folder_exits_4(tmp_path, monkeypatch, capfd):
+    fd = os.open(tmp_path / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with LoopbackTeacher() as t:
+            r = run_inproc(monkeypatch, capfd, tmp_path, 5, t.base_url)
+            served = t.stats()["requests"]
+    finally:
+        os.close(fd)
+    assert r.returncode == 4
+    assert "another synth run" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert served == 0
+
+
+def test_unreachable_teacher_gives_up_with_a_clear_line(tmp_path, monkeypatch, capfd):
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens here now
+    t0 = time.time()
+    r = run_inproc(monkeypatch, capfd, tmp_path, 100, f"http://127.0.0.1:{port}/v1", "--concurrency", "2", "--max-attempts", "2")
+    assert r.returncode == 1
+    assert "cannot reach the teacher" in r.stderr
+    assert time.time() - t0 < 20
+    assert len(lines(tmp_path / "failures.jsonl")) < 10  # gave up early instead of failing all 100 one by one
+
+
+def test_bad_arguments_exit_2(tmp_path):
+    r = run_cli(tmp_path, 5, "http://127.0.0.1:9/v1", key="")
+    assert r.returncode == 2 and "OPENAI_API_KEY" in r.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("this is [not toml")
+    r = subprocess.run([sys.executable, "-m", "synth", "run", "--recipe", str(bad), "--out", str(tmp_path / "o")],
+                       env=env_for("http://127.0.0.1:9/v1"), cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "bad.toml" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_documents_exit_codes():
+    r = subprocess.run([sys.executable, "-m", "synth", "run", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=30)
+    assert r.returncode == 0
+    for code in ("0 ", "1 ", "2 ", "3 ", "4 ", "5 ", "130"):
+        assert f"\n  {code}" in r.stdout
+    for opt in ("--rpm", "--tpm", "--max-cost", "--max-tokens-budget", "--api-key-file", "--base-url"):
+        assert opt in r.stdout
+
+
+def test_aimd_gate_halves_on_a_burst_of_429_not_on_a_lone_one():
+    import asyncio
+
+    from synth.run import AIMDGate
+
+    async def go():
+        g = AIMDGate(64)
+        for _ in range(20):
+            g.succeeded()
+        g.throttled()  # one random 429 among successes: no cut
+        assert g.limit == 64
+        for _ in range(8):
+            g.throttled()  # a burst (>= 25% of the last second's responses): one halving, not eight
+        assert g.limit == 32
+        for _ in range(8):
+            g.succeeded()  # additive increase: +1 per 4 successes
+        assert g.limit == 34
+    asyncio.run(go())

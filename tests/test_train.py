@@ -1,0 +1,221 @@
+"""train/: real tiny Llama + real BPE tokenizer, trained on CPU. No downloads, no mocks."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_model import RECORDS, build_tiny  # noqa: E402
+
+import train  # noqa: E402
+from train import core  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    build_tiny(d / "model")
+    rel = d / "release"
+    rel.mkdir()
+    (rel / "train.json").write_text(json.dumps(RECORDS, ensure_ascii=False), encoding="utf-8")
+    (rel / "manifest.json").write_text(json.dumps({"name": "tiny", "count": len(RECORDS)}), encoding="utf-8")
+    return {"model": d / "model", "release": rel, "tok": AutoTokenizer.from_pretrained(d / "model")}
+
+
+def cfg(preset, tmp_path, **kw):
+    kw.setdefault("max_steps", 2)
+    return train.preset_config(preset, cpu=True, batch_size=4, grad_accum=1, logging_steps=1,
+                               cache_dir=str(tmp_path / "cache"), **kw)
+
+
+# The tutorial's process_func, verbatim (only `tokenizer` made a parameter of the enclosing factory).
+def tutorial_process_func(tokenizer):
+    def process_func(example):
+        MAX_LENGTH = 384
+        input_ids, attention_mask, labels = [], [], []
+        instruction = tokenizer(f"User: {example['instruction']+example['input']}\n\n", add_special_tokens=False)
+        response = tokenizer(f"Assistant: {example['output']}<｜end▁of▁sentence｜>", add_special_tokens=False)
+        input_ids = instruction["input_ids"] + response["input_ids"] + [tokenizer.pad_token_id]
+        attention_mask = instruction["attention_mask"] + response["attention_mask"] + [1]
+        labels = [-100] * len(instruction["input_ids"]) + response["input_ids"] + [tokenizer.pad_token_id]
+        if len(input_ids) > MAX_LENGTH:
+            input_ids = input_ids[:MAX_LENGTH]; attention_mask = attention_mask[:MAX_LENGTH]; labels = labels[:MAX_LENGTH]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return process_func
+
+
+def _many_records():
+    recs = list(RECORDS)
+    ref = ROOT / "dataset" / "reference" / "blessings.jsonl"
+    if ref.exists():
+        from distillery.io import Located, read_records
+        recs += [i.record for i in read_records(ref) if isinstance(i, Located)]
+    recs.append({"instruction": "长" * 10, "input": "祝福" * 300, "output": "好" * 200})  # exercises the 384 cut
+    return recs
+
+
+def test_reference_preset_is_token_identical_to_tutorial(tiny, tmp_path):
+    tok = tiny["tok"]
+    pf = tutorial_process_func(tok)
+    recs = _many_records()
+    rel = tmp_path / "r.jsonl"
+    rel.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in recs) + "\n", encoding="utf-8")
+    rows = train.build_dataset(rel, tok, "reference")
+    assert len(rows) == len(recs)
+    for r, row in zip(recs, rows):
+        assert row == pf(r)
+    assert max(len(r["input_ids"]) for r in rows) == 384
+
+
+def test_deepseek_template_masks_prompt_and_matches_generation_prompt(tiny):
+    tok = tiny["tok"]
+    r = RECORDS[0]
+    row = train.encode(r, tok, "deepseek")
+    p_ids = tok(train.prompt_text("deepseek", tok, r["instruction"] + r["input"]), add_special_tokens=False)["input_ids"]
+    n = sum(1 for x in row["labels"] if x == -100)
+    assert n == len(p_ids) and row["input_ids"][:n] == p_ids  # generation starts exactly where labels start
+    eos = tok.convert_tokens_to_ids("<｜end▁of▁sentence｜>")
+    assert row["labels"][-1] == eos and row["labels"].count(eos) == 1  # one end token, no trailing pad
+    # the tiny tokenizer carries DeepSeek's chat template, so `auto` must give the very same tokens
+    assert train.encode(r, tok, "auto") == row
+
+
+def test_packing_lets_no_attention_cross_samples(tiny):
+    tok = tiny["tok"]
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32).eval()
+    rows = [train.encode(r, tok, "deepseek") for r in RECORDS[:4]]
+    batch = train.collator(train.preset_config("fast"), tok)(rows)
+    assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        off = 0
+        for r in rows:
+            n = len(r["input_ids"])
+            alone = model(input_ids=torch.tensor([r["input_ids"]])).logits[0]
+            torch.testing.assert_close(packed[off:off + n], alone, atol=1e-4, rtol=1e-4)
+            off += n
+        # and the check has teeth: with a KV cache (the model's default) transformers skips the per-sample
+        # mask, and the second sample sees the first
+        flat = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True).logits[0]
+        n0 = len(rows[0]["input_ids"])
+        assert not torch.allclose(flat[n0:n0 + 3], packed[n0:n0 + 3], atol=1e-3)
+
+
+@pytest.mark.parametrize("preset", ["reference", "fast"])
+def test_presets_train_on_cpu_and_save_card_and_plot(tiny, tmp_path, preset):
+    out = tmp_path / "adapter"
+    meta = core.run(tiny["release"], tiny["model"], out, cfg(preset, tmp_path))
+    assert meta["global_step"] == 2 and meta["train_loss"] > 0
+    card = (out / "README.md").read_text(encoding="utf-8")
+    man = json.loads((tiny["release"] / "manifest.json").read_text())
+    from distillery.record import canonical_hash
+    assert canonical_hash(man) in card and "train.json" in card
+    assert (out / "loss.png").stat().st_size > 1000
+    assert (out / "adapter_config.json").exists()
+    assert json.loads((out / "distillery_train.json").read_text())["template"] == (
+        "reference" if preset == "reference" else "deepseek")
+
+
+def test_loss_falls_on_repeated_batch(tiny):
+    from peft import get_peft_model
+    tok = tiny["tok"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
+    model = get_peft_model(model, train.lora_config("fast"))
+    batch = train.collator(train.preset_config("fast"), tok)([train.encode(r, tok, "deepseek") for r in RECORDS[:3]])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    losses = []
+    for _ in range(25):
+        loss = model(**batch).loss
+        loss.backward(); opt.step(); opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_adapter_reload_gives_identical_logits_and_generate_uses_template(tiny, tmp_path):
+    from peft import PeftModel
+    out = tmp_path / "a"
+    core.run(tiny["release"], tiny["model"], out, cfg("fast", tmp_path, lr=1e-2, max_steps=3))
+    tok = tiny["tok"]
+    ids = torch.tensor([train.encode(RECORDS[1], tok, "deepseek")["input_ids"]])
+    tok2, m1, meta = core.load_adapter(tiny["model"], out, cpu=True)
+    base = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
+    m2 = PeftModel.from_pretrained(base, str(out)).eval()
+    with torch.no_grad():
+        a, b = m1.eval()(input_ids=ids).logits, m2(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)(input_ids=ids).logits
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert not torch.allclose(a, plain)  # the adapter is really applied
+    # generate() = the training template + the release's instruction, greedy
+    got = core.generate(tiny["model"], out, ["祝姐姐生日快乐,小红书风格"], max_new_tokens=8, cpu=True)
+    want = train.generate_texts(m1, tok2, "deepseek", [RECORDS[0]["instruction"] + "祝姐姐生日快乐,小红书风格"],
+                                max_new_tokens=8)
+    assert meta["template"] == "deepseek" and got == want
+
+
+def test_resume_continues_step_count(tiny, tmp_path, capsys):
+    out = tmp_path / "r"
+    core.run(tiny["release"], tiny["model"], out, cfg("fast", tmp_path, max_steps=2, save_steps=2))
+    assert (out / "checkpoint-2").is_dir()
+    meta = core.run(tiny["release"], tiny["model"], out, cfg("fast", tmp_path, max_steps=4, save_steps=2))
+    assert "resuming from" in capsys.readouterr().out
+    assert meta["global_step"] == 4
+    steps = [h["step"] for h in meta["log_history"] if "loss" in h]
+    assert steps == [3, 4]  # only the new steps were trained after resuming
+
+
+def test_callback_logs_pass_rate(tiny, tmp_path, capsys):
+    prompts = [{"prompt": RECORDS[0]["instruction"] + "祝姐姐生日快乐", "max_chars": 50},
+               {"prompt": RECORDS[0]["instruction"] + "祝王总开业大吉", "max_chars": 2}]
+    meta = core.run(tiny["release"], tiny["model"], tmp_path / "c",
+                    cfg("fast", tmp_path, max_steps=2, eval_every=1, eval_prompts=prompts))
+    rates = [h for h in meta["log_history"] if "pass_rate" in h]
+    assert [h["step"] for h in rates] == [1, 2]
+    assert all(0.0 <= h["pass_rate"] <= 0.5 for h in rates)  # the max_chars=2 prompt can never pass (8 new tokens+)
+    assert "pass rate" in capsys.readouterr().out
+
+
+def test_pass_check_counts_chars():
+    assert train.pass_check_chars("生日快乐🎂", 6)[0] is True
+    assert train.pass_check_chars("生日快乐🎂!", 6) == (False, "6 字 >= 6")
+    assert train.pass_check_chars("  ", 10)[0] is False
+
+
+def _cli(*args):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_cli_errors_are_one_line_exit_2(tiny, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "train.json").write_text("[]", encoding="utf-8")
+    noweights = tmp_path / "nw"
+    noweights.mkdir()
+    (noweights / "config.json").write_text("{}")
+    build_tiny(tmp_path / "nochat", chat_template=False)
+    cases = [
+        (["--data", str(tmp_path / "nope"), "--model", str(tiny["model"])], "no such release"),
+        (["--data", str(empty), "--model", str(tiny["model"])], "release is empty"),
+        (["--data", str(tiny["release"]), "--model", str(noweights)], "no weights"),
+        (["--data", str(tiny["release"]), "--model", str(tmp_path / "nochat"), "--template", "auto"],
+         "no chat template"),
+        (["--data", str(tiny["release"]), "--model", str(tiny["model"]), "--preset", "fast"], "needs a GPU"),
+    ]
+    for i, (args, msg) in enumerate(cases):
+        extra = [] if msg == "needs a GPU" else ["--cpu"]
+        p = _cli("run", *args, "--out", str(tmp_path / f"o{i}"), *extra)
+        assert p.returncode == 2, (args, p.stderr)
+        assert "Traceback" not in p.stderr and msg in p.stderr, p.stderr
+        assert p.stderr.strip().startswith("error: ")
