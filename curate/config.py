@@ -31,14 +31,27 @@ class CurateConfig:
     english_allow: list[str] = field(default_factory=list)
     near_dup_ngram: int = 2
     near_dup_threshold: float = 0.7      # estimated Jaccard ≥ this → rejected as near duplicate
-    minhash_perms: int = 64
-    minhash_bands: int = 16
+    near_dup_doubtful: float = 0.5       # ≥ this (and below the threshold) → doubtful: a one-word variant
+    minhash_perms: int = 96
+    minhash_bands: int = 24              # 4 rows a band: a pair at Jaccard 0.5 becomes a candidate ~80% of the time
     dedup_examples: bool = True          # the recipe's few-shot example sentences
     dedup_reference: str = "dataset/reference/blessings.jsonl"   # "" to disable
     dedup_releases: list[str] = field(default_factory=list)      # earlier releases' train.json files
 
     def config_hash(self) -> str:
         return canonical_hash(dataclasses.asdict(self))
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_path(p: str | Path) -> Path:
+    """A relative path from the config: as given if it exists from the working directory, else from the project root."""
+    p = Path(p)
+    if p.is_absolute() or p.exists():
+        return p
+    alt = PROJECT_ROOT / p
+    return alt if alt.exists() else p
 
 
 def load_config(path: str | Path | None) -> CurateConfig:

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import regex
 
 from distillery.text import char_count as _char_count
 
-from curate.config import CurateConfig
+from curate.config import CurateConfig, resolve_path
 
 REJECTED, DOUBTFUL, APPROVED = "rejected", "doubtful", "approved"
 RANK = {APPROVED: 0, DOUBTFUL: 1, REJECTED: 2}
@@ -36,7 +35,7 @@ class Context:
 
     def __init__(self, config: CurateConfig, recipe_path: Optional[str] = None):
         self.config = config
-        path = Path(recipe_path or config.recipe)
+        path = resolve_path(recipe_path or config.recipe)
         with open(path, "rb") as f:
             self.recipe = tomllib.load(f)
         r = self.recipe

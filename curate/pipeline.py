@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 from distillery.io import Located, Problem, read_records
 from distillery.record import dumps, ensure_id
 
-from curate.config import CurateConfig
+from curate.config import CurateConfig, resolve_path
 from curate.dedup import DedupIndex
 from curate.filters import APPROVED, RANK, Context, Skip, build_filters
 
@@ -41,11 +41,11 @@ def expand(inputs: Iterable[str]) -> list[str]:
 
 def build_index(ctx: Context) -> DedupIndex:
     c = ctx.config
-    idx = DedupIndex(c.near_dup_ngram, c.minhash_perms, c.minhash_bands, c.near_dup_threshold)
+    idx = DedupIndex(c.near_dup_ngram, c.minhash_perms, c.minhash_bands, min(c.near_dup_threshold, c.near_dup_doubtful))
     if c.dedup_examples:
         idx.add_many([(f"recipe-example-{i}", e) for i, e in enumerate(ctx.examples)])
     sources = ([c.dedup_reference] if c.dedup_reference else []) + list(c.dedup_releases)
-    for src in sources:
+    for src in map(str, map(resolve_path, sources)):
         if not os.path.exists(src):
             continue
         idx.add_many([(item.record.get("id") or f"{src}:{item.line}", item.record["output"])
@@ -88,9 +88,12 @@ def _curate_batch(batch, filters, chash, ctx, summary, index):
             hit = index.check_add(rec["id"], rec["output"], add=worst != "rejected", prepared=prep)
             if hit and hit[0] != rec["id"]:
                 kind = "exact" if hit[1] >= 1.0 else "near"
-                reasons.append({"filter": "duplicates", "detail": f"{kind} duplicate of {hit[0]}", "score": round(hit[1], 4)})
-                summary.by_filter["duplicates"]["rejected"] += 1
-                worst = "rejected"
+                v = "rejected" if hit[1] >= ctx.config.near_dup_threshold else "doubtful"
+                reasons.append({"filter": "duplicates", "detail": f"{kind} duplicate of {hit[0]}"
+                                + ("" if kind == "exact" else f" (similarity ≈ {hit[1]:.2f})"), "score": round(hit[1], 4)})
+                summary.by_filter["duplicates"][v] += 1
+                if RANK[v] > RANK[worst]:
+                    worst = v
         rec["curation"] = {"verdict": worst, "reasons": reasons, "config_hash": chash}
         summary.counts[worst] += 1
         yield rec

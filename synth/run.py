@@ -605,7 +605,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=64, help="max requests in flight (default 64; lowered "
                                                                "automatically on bursts of 429)")
     p.add_argument("--limit", type=int, help="only the first N planned prompts")
-    p.add_argument("--seed", type=int, default=0, help="plan seed (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="plan seed (default: the recipe's sampling.seed, as `synth plan` uses)")
     p.add_argument("--rpm", type=float, help="requests per minute cap (client-side token bucket)")
     p.add_argument("--tpm", type=float, help="tokens per minute cap (estimated: prompt chars + max_tokens*n)")
     p.add_argument("--max-requests", type=int, help="stop cleanly after this many HTTP requests (exit 5)")

@@ -23,7 +23,7 @@ C3 = "回答中不用出现“愿你”“祝你”"
 
 @pytest.fixture(scope="module")
 def ctx():
-    return Context(CurateConfig(recipe=str(ROOT / "dataset/recipes/blessing.toml")))
+    return Context(CurateConfig(recipe=str(ROOT / "dataset/recipes/blessing.toml"), dedup_reference=str(BLESSINGS)))
 
 
 def rec(output, scene="生日", style="正常", recipient="妈妈", relation="长辈", constraint="", max_chars=50, **meta):
@@ -224,3 +224,20 @@ def test_config_toml(tmp_path):
     c = load_config(p)
     assert c.near_dup_threshold == 0.8 and c.filters == ["length"]
     assert c.config_hash() != CurateConfig().config_hash()
+
+
+def test_example_config_loads():
+    c = load_config(ROOT / "dataset/recipes/curate.toml")
+    assert c == CurateConfig()  # the example documents the defaults
+
+
+def test_near_duplicate_graded(ctx):
+    from curate.pipeline import build_index
+    cx = Context(CurateConfig(recipe=ctx.config.recipe, dedup_reference=""))
+    base = "感谢您一年来的信任与支持，恭祝您事业蒸蒸日上，财源广进，阖家幸福安康。"
+    recs = [rec(base), rec(base.replace("广进", "滚滚")), rec("谈判顺利，合作共赢，前程似锦，生意兴隆！", scene="谈判顺利")]
+    out = list(curate_records(recs, cx, Summary(), build_index(cx)))
+    assert out[0]["curation"]["verdict"] == "approved"
+    assert out[1]["curation"]["verdict"] in ("rejected", "doubtful")
+    assert "near duplicate of " + out[0]["id"] in out[1]["curation"]["reasons"][-1]["detail"]
+    assert out[2]["curation"]["verdict"] == "approved"

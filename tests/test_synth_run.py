@@ -24,7 +24,7 @@ KEY = "sk-test-DO-NOT-LEAK-7f3a91c2"
 
 
 def plan_ids(limit: int) -> list[str]:
-    return [p.id for p in iter_plan(load_recipe(RECIPE), 0, limit)]
+    return [p.id for p in iter_plan(load_recipe(RECIPE), None, limit)]  # None: the recipe seed, as `synth run` uses
 
 
 def cmd(out: Path, limit: int, *extra: str) -> list[str]:

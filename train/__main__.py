@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     g.add_argument("prompt", nargs="+")
     a = ap.parse_args(argv)
     try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()  # keep stderr to our one-line messages
         from train import core
         if a.cmd == "run":
             cfg = core.preset_config(a.preset, template=a.template, max_steps=a.max_steps, epochs=a.epochs,

@@ -107,7 +107,7 @@ def _device_and_dtype(cfg: TrainConfig):
     return "cuda", (torch.float16 if cfg.preset == "reference" else torch.bfloat16)
 
 
-def load_model_dir(model_dir: str | os.PathLike, cfg: TrainConfig | None = None, *, for_training=True):
+def load_model_dir(model_dir: str | os.PathLike, cfg: TrainConfig | None = None, *, template: str | None = None):
     """Load tokenizer + model; one-line TrainError when the folder lacks weights or a tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -122,6 +122,8 @@ def load_model_dir(model_dir: str | os.PathLike, cfg: TrainConfig | None = None,
         raise TrainError(f"{d}: model folder has no tokenizer (tokenizer.json / tokenizer_config.json)")
     device, dtype = _device_and_dtype(cfg)
     tok = AutoTokenizer.from_pretrained(d)
+    if template:
+        check_template(tok, template)  # before the (slow) weights
     kw = {"dtype": dtype}
     if cfg.load_4bit and device == "cuda":
         try:
@@ -227,8 +229,7 @@ def run(data: str | os.PathLike, model_dir: str | os.PathLike, out_dir: str | os
     rel = load_release(data)
     for line in rel.problems:
         print(f"skipped: {line}", flush=True)
-    tok, model = load_model_dir(model_dir, cfg)
-    check_template(tok, cfg.template)
+    tok, model = load_model_dir(model_dir, cfg, template=cfg.template)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "distillery", "tokenized")
@@ -246,7 +247,15 @@ def run(data: str | os.PathLike, model_dir: str | os.PathLike, out_dir: str | os
         save_steps=cfg.save_steps, save_on_each_node=True, gradient_checkpointing=cfg.grad_ckpt,
         bf16=(device == "cuda" and dtype == torch.bfloat16), use_cpu=(device == "cpu"), report_to=[],
         remove_unused_columns=False, seed=cfg.seed, dataloader_num_workers=0, disable_tqdm=True)
-    callbacks = []
+    from transformers import TrainerCallback
+
+    class _Count(TrainerCallback):  # steps really trained by this call (proves resume did not restart at 0)
+        n = 0
+
+        def on_step_end(self, args, state, control, **kw):
+            _Count.n += 1
+
+    callbacks = [_Count()]
     if cfg.eval_every and cfg.eval_prompts:
         callbacks.append(PassRateCallback(tok, cfg.template, cfg.eval_prompts, cfg.eval_every))
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator(cfg, tok),
@@ -262,7 +271,8 @@ def run(data: str | os.PathLike, model_dir: str | os.PathLike, out_dir: str | os
     meta = {"preset": cfg.preset, "template": cfg.template, "instruction": rel.instruction,
             "release": str(rel.path), "release_hash": rel.content_hash, "manifest_hash": rel.manifest_hash,
             "global_step": trainer.state.global_step, "train_loss": result.training_loss,
-            "tokens": tokens_in(rows), "seconds": round(time.time() - t0, 2), "config": asdict(cfg)}
+            "tokens": tokens_in(rows),
+            "resumed_from": resume, "steps_this_run": _Count.n, "seconds": round(time.time() - t0, 2), "config": asdict(cfg)}
     (out / "distillery_train.json").write_text(json.dumps(meta, ensure_ascii=False, indent=2))
     (out / "README.md").write_text(_model_card(rel, cfg, str(model_dir), trainer.state.global_step,
                                                losses[-1] if losses else None), encoding="utf-8")
@@ -280,7 +290,7 @@ def load_adapter(model_dir, adapter_dir, *, cpu: bool | None = None):
         raise TrainError(f"{a}: not an adapter folder (no adapter_config.json)")
     meta = json.loads((a / "distillery_train.json").read_text()) if (a / "distillery_train.json").exists() else {}
     cfg = preset_config(meta.get("preset", "fast"), cpu=cpu)
-    tok, model = load_model_dir(model_dir, cfg, for_training=False)
+    tok, model = load_model_dir(model_dir, cfg)
     model = PeftModel.from_pretrained(model, str(a))
     return tok, model, meta
 
