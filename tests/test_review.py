@@ -97,7 +97,9 @@ def test_round_trip(server, ls, tmp_path):
     order = [t.data["sample_id"] for t in sorted(tasks, key=lambda t: t.id)]
     assert order[0] == "d1" and order[-1] == "d5"
     # the teacher output is pre-filled in the editable box through a prediction
-    assert by_sid["d0"].predictions[0]["result"][0]["value"]["text"] == [recs[0]["output"]]
+    pred = by_sid["d0"].predictions[0]
+    pred = pred if isinstance(pred, dict) else pred.model_dump(mode="json")
+    assert pred["result"][0]["value"]["text"] == [recs[0]["output"]]
 
     other = ls.users.create(username="second", email="second@example.com", password="second-pass-123")
     ls.annotations.create(id=by_sid["d0"].id, result=result_for("approve"))
