@@ -1,10 +1,11 @@
-"""`python -m curate run INPUT… --out DIR [--config curate.toml] [--strict]`."""
+"""`python -m curate run INPUT… --out DIR [--config curate.toml] [--strict]` and `python -m curate review …`."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from curate.config import ConfigError, load_config
+from curate.review.cli import add_review_parser, run_parsed
 
 EPILOG = """exit codes:
   0  done (bad lines, if any, are listed on stderr and kept in DIR/quarantine.jsonl)
@@ -23,10 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--config", help="curate.toml (CurateConfig keys, optionally under [curate])")
     r.add_argument("--strict", action="store_true", help="exit 1 if any input line is bad")
+    add_review_parser(sub)
     try:
         args = ap.parse_args(argv)
     except SystemExit as e:
         return 0 if e.code == 0 else 2
+    if args.cmd == "review":
+        return run_parsed(args)
 
     from curate.filters import Context
     from curate.pipeline import run

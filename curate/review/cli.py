@@ -115,7 +115,11 @@ def cmd_status(a) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m curate.review", description=__doc__)
     add_arguments(ap.add_subparsers(dest="cmd", required=True))
-    a = ap.parse_args(argv)
+    return run_parsed(ap.parse_args(argv))
+
+
+def run_parsed(a) -> int:
+    """Run a parsed `review` command (also used by `python -m curate review`)."""
     try:
         return a.func(a)
     except ReviewError as e:
