@@ -11,7 +11,7 @@ from typing import Optional
 
 import regex
 
-from distillery.text import char_count as _char_count
+from distillery.text import EMOJI, PARTICLES, char_count, emoji_list
 
 from curate.config import CurateConfig, resolve_path
 
@@ -65,27 +65,6 @@ class Context:
         return info
 
 
-EMOJI = regex.compile(r"\p{Extended_Pictographic}")
-GRAPHEME = regex.compile(r"\X")
-PARTICLES = "呀啊呢哦吧啦哟嘛哈噢喔"
-
-
-_SIMPLE = regex.compile(r"[^\p{Han}\p{P}\p{N}\p{Latin}\s]")
-_SPACE = regex.compile(r"\s")
-
-
-def char_count(text: str) -> int:
-    """distillery.text.char_count, with a fast path: when every char is Han, punctuation, digit, Latin letter or
-    whitespace, each non-space char is its own grapheme cluster, so no clustering is needed."""
-    if _SIMPLE.search(text):
-        return _char_count(text)
-    return len(text) - len(_SPACE.findall(text))
-
-
-def emoji_list(text: str) -> list[str]:
-    if not EMOJI.search(text):  # fast path: most text has none
-        return []
-    return [g for g in GRAPHEME.findall(text) if EMOJI.search(g)]
 
 
 def need(info: dict, key: str):

@@ -9,23 +9,20 @@ greeting against the recipe (cell allowed, 字数 under the cap, emoji rules per
 """
 from __future__ import annotations
 
+import functools
 import sys
 import tomllib
 from pathlib import Path
-
-import regex
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from distillery.record import SCHEMA_VERSION, content_id, dumps  # noqa: E402
-from distillery.text import char_count  # noqa: E402
+from distillery.text import PARTICLES, char_count, emoji_list, without_emoji  # noqa: E402
 
 RECIPE = ROOT / "dataset/recipes/blessing.toml"
 SRC = ROOT / "dataset/reference/src"
 OUT = ROOT / "dataset/reference"
-EMOJI = regex.compile(r"\p{Extended_Pictographic}")
-PARTICLES = "呀啊呢哦吧啦哟嘛哈噢喔"
 AUTHOR = "distillery maintainers"
 
 
@@ -35,16 +32,17 @@ def load_recipe() -> dict:
 
 
 def excluded(recipe: dict, scene: str, style: str, recipient: str, relation: str) -> bool:
-    cell = {"scene": scene, "style": style, "recipient": recipient, "relation": relation}
-    for ex in recipe.get("exclusions", []):
-        keys = [k for k in ex if k in cell]
-        if keys and all(cell[k] in (ex[k] if isinstance(ex[k], list) else [ex[k]]) for k in keys):
-            return True
-    return False
+    """The recipe's own exclusion rule (synth.recipe.Exclusion.matches), so the corpus and the plan agree."""
+    kind = next(s.get("kind", "") for s in recipe["scenes"] if s["name"] == scene)
+    cell = {"scene": scene, "style": style, "recipient": recipient, "relation": relation, "kind": kind}
+    return any(ex.matches(cell) for ex in parsed_recipe().exclusions)
 
 
-def emoji_count(text: str) -> int:
-    return sum(1 for g in regex.findall(r"\X", text) if EMOJI.search(g))
+@functools.cache
+def parsed_recipe():
+    from synth.recipe import load_recipe as load_checked_recipe
+
+    return load_checked_recipe(RECIPE)
 
 
 def check_good(recipe: dict, rec: dict) -> list[str]:
@@ -55,12 +53,11 @@ def check_good(recipe: dict, rec: dict) -> list[str]:
     n = char_count(out)
     if n >= m["max_chars"]:
         problems.append(f"{n} 字, cap is < {m['max_chars']}")
-    e = emoji_count(out)
+    e = len(emoji_list(out))
     if m["style"] == "小红书":
         if not 1 <= e <= 2:
             problems.append(f"小红书 needs 1-2 emoji, has {e}")
-        # Drop whole emoji clusters (with their variation selectors and ZWJs) before looking at the last word.
-        tail = "".join(g for g in regex.findall(r"\X", out) if not EMOJI.search(g)).rstrip("！!~～。.，, ")
+        tail = without_emoji(out).rstrip("！!~～。.，, ")
         if not tail or tail[-1] not in PARTICLES:
             problems.append("小红书 should end on a modal particle")
     elif m["style"] == "严肃" and e:
