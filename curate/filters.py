@@ -92,7 +92,7 @@ class LengthFilter:
         return None
 
 
-TRUNC_END = regex.compile(r"(?:(?<![常永同自长实存所])在|早日|取得|获得|能够|希望|一定|祝您|祝你|愿您|愿你|继续|更加|越来越|都能|一起|[，、,；;：:（(“「《—]|[的和与及把被让给跟从而但并且越健幸吉阖万]|(?:作|业|事|利)顺|身体健|快|一切如)\s*$")
+TRUNC_END = regex.compile(r"(?:(?<![常永同自长实存所])在|早日|取得|获得|能够|希望|一定|祝您|祝你|愿您|愿你|继续|更加|越来越|都能|一起|[，、,；;：:（(“「《—]|[和与及把被让给跟从而但并且越健幸吉阖万]|(?:作|业|事|利)顺|身体健|快|一切如)\s*$")
 
 
 class TruncationFilter:
@@ -109,10 +109,20 @@ class TruncationFilter:
                 return Verdict(REJECTED, f"ends mid-clause: …{out[-6:]}")
             if not out.endswith("快"):
                 return Verdict(REJECTED, f"ends mid-clause: …{out[-6:]}")
+        # No closing mark, and the last clause is a stub (…身体健康、事业) or ends on a word that needs more (…每天都).
+        if out and not CLOSED_END.search(out) and CUT_WORD_END.search(out):
+            return Verdict(DOUBTFUL, f"no closing punctuation, may be cut off: …{out[-6:]}", 0.5)
         return None
 
 
-PARTICLE_AFTER_MARK = regex.compile(r"[！!。.？?][~～]*[" + PARTICLES + r"]")
+CUT_WORD_END = regex.compile(r"(?:^|[，,、；;：:])\s*\p{Han}{1,2}$|[都也还更最很会要能将就再又才是让使对向为着的如于之以所其]$")
+CLOSED_END = regex.compile(r"(?:[。！？!?…~～.）)”」』》\p{Extended_Pictographic}️‍" + PARTICLES + r"]|\p{Emoji_Modifier})$")
+
+
+INTERJECTIONS = "哈哦噢喔哟啊哇"
+PARTICLE_AFTER_MARK = regex.compile(
+    r"[！!。.？?][~～]*(?:[" + "".join(p for p in PARTICLES if p not in INTERJECTIONS) + r"]|([" + INTERJECTIONS
+    + r"])(?!\1|(?![" + PARTICLES + r"])\p{Han}))")
 PUNCT_RUN = regex.compile(r"[！!]{2,}|[~～]{2,}|。{2,}|[？?]{2,}|[，,]{2,}|[！!？?。][~～]|[!?,;:][，。！？；：、]|[，。！？；：、][!?,;:]|[！!？?][。.，,、]|。[！!？?，]")
 HALF = regex.compile(r"(?<=\p{Han})[,!?;:]|[,!?;:](?=\p{Han})")
 FULL = regex.compile(r"[，。！？；：、]")
@@ -138,7 +148,10 @@ class PunctuationFilter:
 
 
 MARKDOWN = regex.compile(
-    r"(?m)^\s*#{1,6}\s|\*\*[^*]+\*\*|__[^_]+__|标题\s*[：:]|^\s*(?:\d+[.、)）]|[-*•·]\s)|^\s*【[^】]*】|祝福语\s*[：:]")
+    r"(?m)^\s*#{1,6}\s|\*\*[^*]+\*\*|__[^_]+__|标题\s*[：:]|^\s*(?:\d+[.、)）]|[-*•·]\s)|^\s*【[^】]*】|^\s*《[^》]*》|祝福语\s*[：:]")
+# "结婚纪念日祝福：…" / "重阳节祝福语 …" opening the text (but not "送上最真挚的祝福：…"); matched at the start only.
+TITLE_PREFIX = regex.compile(
+    r"\s*(?![^，。！？!?\n]*(?:送上|献上|奉上|致以|送给|送你|送您))[^，。！？!?\n]{0,12}(?:祝福|贺词|寄语)语?(?:\s*[：:]|\s+(?=\S))")
 WRAP = regex.compile(r'^\s*(?:“.*”|".*"|「.*」|『.*』|《.*》|‘.*’|\'.*\')\s*$', regex.S)
 
 
@@ -148,7 +161,7 @@ class MarkdownFilter:
 
     def check(self, rec, info, ctx):
         out = rec["output"]
-        m = MARKDOWN.search(out)
+        m = MARKDOWN.search(out) or TITLE_PREFIX.match(out)
         if m:
             return Verdict(REJECTED, f"title or markdown: {m.group().strip()!r}")
         if WRAP.match(out):
@@ -161,18 +174,27 @@ class MarkdownFilter:
 
 META_TALK = regex.compile(
     r"^\s*(?:好的|好嘞|当然|没问题|可以的|收到)[，,。！!：:]|以下是|下面是|如下[：:]|如下所示|希望(?:你|您)(?:会)?喜欢|希望(?:这|以上)"
-    r"|作为(?:一个|一名)?(?:AI|人工智能|语言模型|助手)|我是(?:一个)?(?:AI|人工智能)|抱歉|对不起，我|我(?:无法|不能)"
+    r"|作为(?:一个|一名)?(?:AI|人工智能|语言模型|助手)|我是(?:一个)?(?:AI|人工智能)|^\s*(?:很|非常)?抱歉|抱歉[，,]?\s*我(?:无法|不能|没法)"
+    r"|对不起，我|我(?:无法|不能)(?:为你|为您|帮|提供|生成|完成|满足|回答|创作|撰写|写)|^\s*请问|我可以(?:根据|为你|为您|帮你|帮您|再)"
+    r"|如(?:需|果需要|有需要)[^，。！？]{0,6}(?:调整|修改|更改|版本|风格|字数)|需要我(?:再|帮|为)|写(?:一|几)(?:条|段|句)"
+    r"|(?:根据|按照?)(?:实际|需要|您的需求)[^，。]{0,6}(?:修改|调整|替换)|可(?:自行)?(?:修改|替换)(?:称呼|内容|名字)"
     r"|^\s*(?:嗯|当然可以|好的)|用户|共\s*\d+\s*字|符合要求|这是一(?:条|段|句)|供(?:您|你)参考|[（(]\s*\d+\s*字\s*[)）]|字数\s*[：:]|^\s*注\s*[：:]|祝福语(?:已|为)|这(?:条|是一条)祝福", regex.I | regex.M)
 
 
+PLACEHOLDER = regex.compile(r"[\[［][^\]］]{1,12}[\]］]|××|＊＊|某某")
+
+
 class MetaTalkFilter:
-    """Chatter around the greeting (好的，以下是…, 希望你喜欢) and refusals."""
+    """Chatter around the greeting (好的，以下是…, 希望你喜欢), refusals and template placeholders ([姓名])."""
     name = "meta_talk"
 
     def check(self, rec, info, ctx):
         m = META_TALK.search(rec["output"])
         if m:
             return Verdict(REJECTED, f"meta talk or refusal: {m.group().strip()!r}")
+        m = PLACEHOLDER.search(rec["output"])
+        if m:
+            return Verdict(REJECTED, f"template placeholder: {m.group()!r}")
         return None
 
 
@@ -238,16 +260,22 @@ OCCASION_WORDS = {
     "腊八节": ["腊八"], "乔迁新居": ["乔迁", "新居", "搬家"], "新婚快乐": ["新婚", "新娘", "新郎", "百年好合", "喜结连理"],
     "康复": ["康复", "病"], "工作升职": ["升职", "晋升", "高升"], "比赛取得好成绩": ["比赛", "夺冠", "赛场"],
     "周年纪念": ["周年", "纪念日"], "谈判顺利": ["谈判", "签约"],
+    "其他节日": ["圣诞", "平安夜", "元旦", "情人节", "母亲节", "父亲节", "教师节", "国庆", "清明", "劳动节", "儿童节",
+             "妇女节", "感恩节", "万圣"],
 }
+# Everyday wishes that contain an occasion word (步步高升 in a 春节 greeting, 无病无灾 for a birthday): not an occasion.
+NEUTRAL_WISHES = {"步步高升", "升职加薪", "加薪升职", "无病无灾", "没病没灾", "百病不侵", "七夕情人节"}
 # Occasions that legitimately share words (the new-year season; a wedding anniversary; …).
 COMPATIBLE = {
     "春节": {"除夕", "元宵节"}, "除夕": {"春节"}, "元宵节": {"春节"}, "腊八节": {"春节", "除夕"},
     "周年纪念": {"新婚快乐"}, "新婚快乐": {"周年纪念"}, "七夕节": {"周年纪念"}, "重阳节": {"生日"}, "发财": {"春节", "除夕"}, "端午节": {"比赛取得好成绩"},
 }
-OCCASION_RE = regex.compile("|".join(sorted({w for ws in OCCASION_WORDS.values() for w in ws}, key=len, reverse=True)))
+OCCASION_RE = regex.compile("|".join(sorted({w for ws in OCCASION_WORDS.values() for w in ws} | NEUTRAL_WISHES,
+                                            key=len, reverse=True)))
 WORD_SCENE = {w: s for s, ws in OCCASION_WORDS.items() for w in ws}
 FORMAL = {"长辈", "师长", "上级", "客户"}
-TOO_INTIMATE = regex.compile(r"^亲[，,~！!]|老[王赵李张陈刘]|哈哈|^哟|乖乖|听话|买糖|小朋友|宝贝|宝子|亲爱的|哥们|老铁|兄弟们|姐妹们|亲~|么么哒|亲亲|小可爱|家人们|集美")
+TOO_INTIMATE = regex.compile(r"^亲[，,~！!]|老[王赵李张陈刘]|哈哈|^哟|乖乖|听话|买糖|小朋友|宝贝|宝宝|^宝[，,~！!]|宝子|亲爱的|哥们|老铁|兄弟们|姐妹们|亲~|么么哒|亲亲|小可爱|家人们|集美")
+TOO_INTIMATE_FOR_ELDERS = regex.compile(r"^亲[，,~！!]|老[王赵李张陈刘]|^哟|买糖|小朋友|宝子|哥们|老铁|兄弟们|姐妹们|亲~|么么哒|家人们|集美")
 
 
 class FitFilter:
@@ -263,6 +291,8 @@ class FitFilter:
         if scene:
             ok = {scene} | COMPATIBLE.get(scene, set())
             for m in OCCASION_RE.finditer(out):
+                if m.group() in NEUTRAL_WISHES:
+                    continue
                 other = WORD_SCENE[m.group()]
                 if other not in ok and not (other == "康复" and scene != "生日"):
                     return Verdict(DOUBTFUL, f"names another occasion ({m.group()} → {other}) than {scene}")
@@ -271,9 +301,11 @@ class FitFilter:
         if relation == "晚辈" and "您" in out:
             return Verdict(DOUBTFUL, "您 to a younger person")
         if relation in FORMAL:
-            m = TOO_INTIMATE.search(out)
-            if m:
+            m = (TOO_INTIMATE_FOR_ELDERS if relation == "长辈" else TOO_INTIMATE).search(out)
+            if m and not (relation == "师长" and m.group() == "亲爱的"):
                 return Verdict(DOUBTFUL, f"{m.group()!r} is too intimate for {relation}")
+            if relation != "长辈" and "你" in out and "您" not in out:
+                return Verdict(DOUBTFUL, f"你 instead of 您 to {relation}")
         if relation in ("伴侣", "朋友", "平辈", "晚辈") and info.get("style") != "严肃":
             m = OFFICIALESE.search(out)
             if m:
@@ -282,14 +314,50 @@ class FitFilter:
 
 
 OFFICIALESE = regex.compile(r"谨向|致以|崇高的敬意|值此.{0,8}之际.{0,10}(?:谨|致)|尊敬的(?:夫人|先生|女士)")
+
+
+def _in_gb2312(text: str) -> bool:
+    try:
+        text.encode("gb2312")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 TRADITIONAL = set(
     "樂萬歲與為們說個來時間過後會還對開關體發聖誕節慶壽願順達興財運歡愛國圓餅龍點兒實現學習從華貴幣氣車邊傳東長門問書夢幾麼這裡讓誰將"
     "業績專寶貝壯聯絡陽陰紅綠豐鄉親雙喬遷寧賀禮燈圍團闔覺無號稱謝戰勝級職陳張劉趙師紀鳳鴻齊麗頭齡餘飯飲語話誠調輕鬆務週晉陞帶獎贏賽"
     "顏題養應憶懷態戀變據藝藥處見觀計記許詞試詩認請讀負責費資賞賺質購輝輩農遠邁醫鐘陸隨險際雖雞雲電靜願顧飛馬驚魚鮮鳥黃遊闆係衛歷曆"
     "穩擁閃燦爛溫滿聰穎勞榮譽優錢緣結縣協議談樣顆顯總經領導祿風貼紙燭蠟舉辦區療癒況極偉綿壇橋舊蘭歸漢廣嗎織聽愛"
 )
-TRAD_RE = regex.compile("[" + "".join(sorted(TRADITIONAL)) + "]")
-MOJIBAKE = regex.compile(r"锟斤拷|烫烫|屯屯|\ufffd|[\u0080-\u009f]|[\u00c0-\u00ff][\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc\u2013-\u203a\u20ac\u2122]|[ÃÂæåäçéè][^\p{Han}\s]")
+# Traditional forms are found by encoding (Big5 has them, GB2312 does not); TRADITIONAL lists common ones by hand,
+# and the few of them that GB2312 does contain are looked for directly.
+TRAD_IN_GB2312 = regex.compile("[" + "".join(sorted(c for c in TRADITIONAL if _in_gb2312(c))) + "]")
+HAN_RUN = regex.compile(r"\p{Han}+")
+SIMPLIFIED_OUTSIDE_GB2312 = set("囧玥昇珺垚燚啰嘚槑犇喆堃镕")  # simplified characters in real use that GB2312 lacks
+
+
+def outside_gb2312(text: str) -> tuple[list[str], list[str]]:
+    """Chinese characters of `text` outside GB2312 (the simplified set), split into those Big5 has (traditional
+    forms: 鵬 煙 進) and the rest (rare: what GBK/UTF-8 mojibake is made of)."""
+    if _in_gb2312(text):  # most lines: no emoji, nothing outside GB2312
+        return [], []
+    han = "".join(HAN_RUN.findall(text))
+    if _in_gb2312(han):  # lines with emoji: their Chinese characters in one go, not one by one
+        return [], []
+    trad, rare = [], []
+    for ch in han:
+        if ch in SIMPLIFIED_OUTSIDE_GB2312 or _in_gb2312(ch):
+            continue
+        try:
+            ch.encode("big5")
+            trad.append(ch)
+        except UnicodeEncodeError:
+            rare.append(ch)
+    return trad, rare
+
+
+MOJIBAKE = regex.compile(r"锟斤拷|烫烫|屯屯|\ufffd|□{2,}|\p{Co}|[\u0080-\u009f]|[\u00c0-\u00ff][\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc\u2013-\u203a\u20ac\u2122]|[ÃÂæåäçéè][^\p{Han}\s]")
 ENGLISH = regex.compile(r"[A-Za-z]{2,}")
 
 
@@ -307,7 +375,10 @@ class LanguageFilter:
             words = [w for w in ENGLISH.findall(out) if w.lower() not in allow]
             if words:
                 return Verdict(REJECTED, f"English words: {' '.join(words[:5])}")
-        m = TRAD_RE.findall(out)
+        big5_only, rare = outside_gb2312(out)
+        if len(rare) >= 2:  # one rare character can be a name; several are decoded bytes (鍓嶇▼浼奸敠)
+            return Verdict(REJECTED, f"mojibake: characters outside GB2312 and Big5 {''.join(rare[:8])!r}", len(rare))
+        m = big5_only or TRAD_IN_GB2312.findall(out)
         if m:
             return Verdict(REJECTED, f"traditional characters: {''.join(m[:8])}", len(m))
         return None

@@ -2,20 +2,24 @@
 from __future__ import annotations
 
 import glob
-import json
+import multiprocessing
 import os
-from collections import Counter, defaultdict
+import sys
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from itertools import islice
-from typing import Iterable, Iterator
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
 
-from distillery.io import Located, Problem, read_records
+import numpy as np
+
+from distillery.io import Located, Problem, parse_block, read_blocks, read_records
 from distillery.record import dumps, ensure_id
 
 from curate.config import CurateConfig, resolve_path
-from curate.dedup import DedupIndex
-from curate.filters import APPROVED, RANK, Context, Skip, build_filters
+from curate.dedup import DedupIndex, MinHasher, Prepared
+from curate.filters import APPROVED, DOUBTFUL, RANK, REJECTED, Context, Skip, build_filters
+from curate.report import ReportStats, build_report, write_report
 
 
 @dataclass
@@ -53,73 +57,254 @@ def build_index(ctx: Context) -> DedupIndex:
     return idx
 
 
+@dataclass
+class Judged:
+    """A batch of records after the per-record filters, before dedup (what a worker sends back)."""
+
+    ids: list = field(default_factory=list)
+    worst: list = field(default_factory=list)          # verdict of the filters
+    reasons: dict = field(default_factory=dict)        # position → [{filter, detail, score}], flagged records only
+    by_filter: dict = field(default_factory=lambda: defaultdict(Counter))
+    prepared: Optional[Prepared] = None                # dedup hashes of the outputs
+    # From judge_lines only: each record's JSON line up to its closing brace, the reasons as JSON, the few fields
+    # the report needs (columns, and no per-record dict: what crosses a process boundary is pickled), bad lines.
+    heads: list = field(default_factory=list)
+    reasons_json: dict = field(default_factory=dict)
+    outputs: list = field(default_factory=list)
+    scenes: list = field(default_factory=list)
+    styles: list = field(default_factory=list)
+    caps: list = field(default_factory=list)
+    problems: list = field(default_factory=list)
+
+
+class Judge:
+    """The per-record half of curation: every filter, and the dedup hashes; runs in any process."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.filters = build_filters(ctx.config)
+        c = ctx.config
+        self.hasher = (MinHasher(c.near_dup_ngram, c.minhash_perms, c.minhash_bands)
+                       if "duplicates" in c.filters else None)
+
+    def judge(self, recs: list[dict], out: Judged) -> list[dict]:
+        """Filter verdicts of recs, appended to out; returns each record's resolved meta."""
+        ctx, by_filter = self.ctx, out.by_filter
+        infos = []
+        for rec in recs:
+            ensure_id(rec)
+            info = ctx.resolve(rec)
+            reasons, worst = [], APPROVED
+            for f in self.filters:
+                try:
+                    v = f.check(rec, info, ctx)
+                except Skip:
+                    by_filter[f.name]["skipped"] += 1
+                    continue
+                if v is not None:
+                    reasons.append({"filter": f.name, "detail": v.detail, "score": round(float(v.score), 4)})
+                    by_filter[f.name][v.verdict] += 1
+                    if RANK[v.verdict] > RANK[worst]:
+                        worst = v.verdict
+            if reasons:
+                out.reasons[len(out.ids)] = reasons
+            out.ids.append(rec["id"])
+            out.worst.append(worst)
+            infos.append(info)
+        if self.hasher is not None:
+            out.prepared = self.hasher.prepare([r["output"] for r in recs])
+        return infos
+
+    def judge_lines(self, path: str, entries: list) -> Judged:
+        """A chunk of one input file: read_blocks' (first line number, block of lines) pairs, or already-read items
+        (a JSON array's records, problems)."""
+        out = Judged()
+        recs, heads = [], []
+        for e in entries:
+            for raw, item in parse_block(e[1], path, e[0]) if isinstance(e, tuple) else ((None, e),):
+                if isinstance(item, Problem):
+                    out.problems.append(item)
+                    continue
+                rec = item.record
+                had_id = bool(rec.get("id"))
+                ensure_id(rec)
+                recs.append(rec)
+                heads.append(_head(rec, raw if "curation" not in rec else None, had_id))
+        infos = self.judge(recs, out)
+        intern = _intern
+        for rec, info, head in zip(recs, infos, heads):
+            if head is None:  # re-encoded, without a curation from an earlier run (the new one follows)
+                head = dumps({k: v for k, v in rec.items() if k != "curation"})[:-1].encode("utf-8")
+            out.heads.append(head)
+            out.outputs.append(rec["output"])
+            out.scenes.append(intern(info["scene"]))  # one pickled copy of each name, not one a record
+            out.styles.append(intern(info["style"]))
+            out.caps.append(info["max_chars"])
+        out.reasons_json = {i: dumps(r).encode("utf-8") for i, r in out.reasons.items()}
+        return out
+
+    @staticmethod
+    def light(j: Judged, i: int, verdict: str, reasons: list) -> dict:
+        """Record i of j as much as ReportStats reads of it."""
+        return {"id": j.ids[i], "output": j.outputs[i], "input": "",
+                "meta": {"scene": j.scenes[i], "style": j.styles[i], "max_chars": j.caps[i]},
+                "curation": {"verdict": verdict, "reasons": reasons}}
+
+
+def _intern(x):
+    return sys.intern(x) if type(x) is str else x
+
+
+def _head(rec: dict, raw: Optional[bytes], had_id: bool) -> Optional[bytes]:
+    """The input line itself up to its closing brace, so the output need not re-encode the record (the
+    curation object is appended after it); None where that is not possible (no raw line, or an old curation)."""
+    if raw is None:
+        return None
+    raw = raw.strip()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:].strip()
+    if not (raw.startswith(b"{") and raw.endswith(b"}")):
+        return None
+    head = raw[:-1]
+    if not had_id:  # ensure_id appends the id, as dumps(rec) would
+        head += b',"id":' + dumps(rec["id"]).encode("utf-8")
+    return head
+
+
+def settle(j: Judged, ctx: Context, summary: Summary, index: Optional[DedupIndex]) -> Iterator[tuple]:
+    """Dedup a judged batch in input order and count verdicts: yields (position, verdict, reasons, changed), where
+    changed says the reasons grew (a duplicate) since the filters judged."""
+    hits = None
+    if index is not None and j.prepared is not None:
+        # Only keep clean-ish texts in the index: a rejected first copy should not block a later good one.
+        hits = index.check_batch(j.ids, j.prepared, np.fromiter((w != REJECTED for w in j.worst), bool, len(j.ids)))
+    thr = ctx.config.near_dup_threshold
+    for i, worst in enumerate(j.worst):
+        reasons, changed = j.reasons.get(i) or [], False
+        hit = hits[i] if hits is not None else None
+        if hit and hit[0] != j.ids[i]:
+            kind = "exact" if hit[1] >= 1.0 else "near"
+            v = REJECTED if hit[1] >= thr else DOUBTFUL
+            reasons.append({"filter": "duplicates", "detail": f"{kind} duplicate of {hit[0]}"
+                            + ("" if kind == "exact" else f" (similarity ≈ {hit[1]:.2f})"), "score": round(hit[1], 4)})
+            summary.by_filter["duplicates"][v] += 1
+            changed = True
+            if RANK[v] > RANK[worst]:
+                worst = v
+        summary.counts[worst] += 1
+        yield i, worst, reasons, changed
+
+
+def _merge_counts(summary: Summary, j: Judged) -> None:
+    for name, c in j.by_filter.items():
+        summary.by_filter[name].update(c)
+
+
 def curate_records(records: Iterable[dict], ctx: Context, summary: Summary, index: DedupIndex | None) -> Iterator[dict]:
     """Yield each record with its `curation` added; deterministic for a given input order and config."""
-    filters = build_filters(ctx.config)
+    judge = Judge(ctx)
     chash = summary.config_hash = ctx.config.config_hash()
-    dedup_on = "duplicates" in ctx.config.filters and index is not None
     it = iter(records)
     while True:
-        batch = list(islice(it, 2048))  # batches let dedup hash all n-grams in one numpy pass
+        batch = list(islice(it, CHUNK))  # batches let dedup hash all n-grams in one numpy pass
         if not batch:
             return
-        yield from _curate_batch(batch, filters, chash, ctx, summary, index if dedup_on else None)
+        j = Judged()
+        judge.judge(batch, j)
+        _merge_counts(summary, j)
+        for i, worst, reasons, _ in settle(j, ctx, summary, index if judge.hasher else None):
+            batch[i]["curation"] = {"verdict": worst, "reasons": reasons, "config_hash": chash}
+            yield batch[i]
 
 
-def _curate_batch(batch, filters, chash, ctx, summary, index):
-    prepared = index.prepare([r["output"] for r in batch]) if index is not None else [None] * len(batch)
-    for rec, prep in zip(batch, prepared):
-        ensure_id(rec)
-        info = ctx.resolve(rec)
-        reasons, worst = [], APPROVED
-        for f in filters:
-            try:
-                v = f.check(rec, info, ctx)
-            except Skip:
-                summary.by_filter[f.name]["skipped"] += 1
+CHUNK = 2048            # records a batch (curate_records, JSON arrays)
+BLOCK_BYTES = 1 << 20   # JSON Lines bytes a chunk: one message to a worker, a few hundred to thousands of records
+SERIAL_BELOW = 1 << 20  # input bytes under which worker processes cost more than they save
+_JUDGE: Optional[Judge] = None
+
+
+def _init_worker(ctx: Context) -> None:
+    global _JUDGE
+    _JUDGE = Judge(ctx)
+
+
+def _judge_chunk(path: str, entries: list) -> Judged:
+    return _JUDGE.judge_lines(path, entries)
+
+
+def _chunks(paths: list[str]) -> Iterator[tuple[str, list]]:
+    """Input files as chunks: a block of raw lines each (read here, parsed where the chunk is judged), or up to
+    CHUNK already-read items (JSON arrays, problems)."""
+    for path in paths:
+        items = []
+        for e in read_blocks(path, block_bytes=BLOCK_BYTES):
+            if isinstance(e, tuple):
+                if items:
+                    yield path, items
+                    items = []
+                yield path, [e]
                 continue
-            if v is not None:
-                reasons.append({"filter": f.name, "detail": v.detail, "score": round(float(v.score), 4)})
-                summary.by_filter[f.name][v.verdict] += 1
-                if RANK[v.verdict] > RANK[worst]:
-                    worst = v.verdict
-        if index is not None:
-            # Only keep clean-ish texts in the index: a rejected first copy should not block a later good one.
-            hit = index.check_add(rec["id"], rec["output"], add=worst != "rejected", prepared=prep)
-            if hit and hit[0] != rec["id"]:
-                kind = "exact" if hit[1] >= 1.0 else "near"
-                v = "rejected" if hit[1] >= ctx.config.near_dup_threshold else "doubtful"
-                reasons.append({"filter": "duplicates", "detail": f"{kind} duplicate of {hit[0]}"
-                                + ("" if kind == "exact" else f" (similarity ≈ {hit[1]:.2f})"), "score": round(hit[1], 4)})
-                summary.by_filter["duplicates"][v] += 1
-                if RANK[v] > RANK[worst]:
-                    worst = v
-        rec["curation"] = {"verdict": worst, "reasons": reasons, "config_hash": chash}
-        summary.counts[worst] += 1
-        yield rec
+            items.append(e)
+            if len(items) == CHUNK:
+                yield path, items
+                items = []
+        if items:
+            yield path, items
 
 
-def run(inputs: list[str], out_dir: str | Path, config: CurateConfig, ctx: Context | None = None) -> Summary:
+def _judged(paths: list[str], ctx: Context, workers: int) -> Iterator[Judged]:
+    """Judged chunks in input order, from `workers` processes (0: in this one)."""
+    if workers <= 0:
+        judge = Judge(ctx)
+        for path, entries in _chunks(paths):
+            yield judge.judge_lines(path, entries)
+        return
+    mp = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with mp.Pool(workers, initializer=_init_worker, initargs=(ctx,)) as pool:
+        pending: deque = deque()
+        for path, entries in _chunks(paths):
+            pending.append(pool.apply_async(_judge_chunk, (path, entries)))
+            if len(pending) > 2 * workers:  # bounded read-ahead: memory stays flat however large the input
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def default_workers(paths: list[str]) -> int:
+    """Worker processes for the per-record filters: none for small inputs, else up to 4 (beyond that the main
+    process, which dedups and writes in input order, is the limit)."""
+    size = sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
+    return 0 if size < SERIAL_BELOW else min(4, os.cpu_count() or 1)
+
+
+def run(inputs: list[str], out_dir: str | Path, config: CurateConfig, ctx: Context | None = None,
+        workers: Optional[int] = None) -> Summary:
     ctx = ctx or Context(config)
     summary = Summary()
+    chash = summary.config_hash = config.config_hash()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     index = build_index(ctx) if "duplicates" in config.filters else None
-
-    def records():
-        for path in expand(inputs):
-            for item in read_records(path):
-                if isinstance(item, Problem):
-                    summary.problems.append(item)
-                    continue
-                yield item.record
+    paths = expand(inputs)
+    workers = default_workers(paths) if workers is None else workers
 
     names = ("approved", "doubtful", "rejected")
     tmp = {n: out / f".{n}.jsonl.tmp" for n in names}
-    files = {n: open(tmp[n], "w", encoding="utf-8", newline="\n") for n in names}
+    files = {n: open(tmp[n], "wb", buffering=1 << 20) for n in names}
+    stats = ReportStats(ctx.resolve)  # report.json / report.html aggregates, O(cells) memory
+    # Each output line: the input line up to its closing brace, then the curation object, as dumps would write it.
+    writers = {n: (files[n].write, b',"curation":{"verdict":"' + n.encode() + b'","reasons":') for n in names}
+    tail = f',"config_hash":"{chash}"}}}}\n'.encode()
     try:
-        for rec in curate_records(records(), ctx, summary, index):
-            files[rec["curation"]["verdict"]].write(dumps(rec) + "\n")
+        for j in _judged(paths, ctx, workers):
+            summary.problems.extend(j.problems)
+            _merge_counts(summary, j)
+            heads, reasons_json = j.heads, j.reasons_json
+            for i, worst, reasons, changed in settle(j, ctx, summary, index):
+                rj = dumps(reasons).encode("utf-8") if changed else reasons_json.get(i, b"[]")
+                write, verdict = writers[worst]
+                write(b"".join((heads[i], verdict, rj, tail)))
+                stats.add(Judge.light(j, i, worst, reasons))
     finally:
         for f in files.values():
             f.close()
@@ -129,13 +314,5 @@ def run(inputs: list[str], out_dir: str | Path, config: CurateConfig, ctx: Conte
         for p in summary.problems:
             f.write(dumps(p.to_quarantine()) + "\n")
     os.replace(out / ".quarantine.tmp", out / "quarantine.jsonl")
-    report = {
-        "inputs": expand(inputs), "config_hash": summary.config_hash,
-        "counts": {n: summary.counts.get(n, 0) for n in names}, "valid": summary.valid,
-        "bad_lines": len(summary.problems),
-        "filters": {k: dict(sorted(v.items())) for k, v in sorted(summary.by_filter.items())},
-    }
-    with open(out / "report.json", "w", encoding="utf-8") as f:
-        json.dump(report, f, ensure_ascii=False, indent=2, sort_keys=True)
-        f.write("\n")
+    write_report(out, build_report(summary, stats, paths, ctx))
     return summary

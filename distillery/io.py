@@ -66,6 +66,33 @@ def _check(obj, path: str, lineno: int, text: str, require_id: bool) -> Item:
 def read_records(path: Union[str, Path], *, require_id: bool = False) -> Iterator[Item]:
     """Yield a Located for every valid record and a Problem for every bad line, in file order."""
     p = str(path)
+    for x in read_lines(p, require_id=require_id):
+        if isinstance(x, tuple):
+            item = parse_line(x[1], p, x[0], require_id=require_id)
+            if item is not None:
+                yield item
+        else:
+            yield x
+
+
+def read_lines(path: Union[str, Path], *, require_id: bool = False) -> Iterator[Union[tuple[int, bytes], Item]]:
+    """A JSON Lines file's raw lines as (line number, bytes), for parse_line (in this or another process); for a
+    file that is not JSON Lines, its items: a JSON array's records and problems, or the one Problem of a file that
+    is missing, a directory or empty."""
+    yield from _jsonl_or_items(str(path), require_id, lambda f: enumerate(_lines(f), start=1))
+
+
+def read_blocks(path: Union[str, Path], *, block_bytes: int = 1 << 20,
+                require_id: bool = False) -> Iterator[Union[tuple[int, bytes], Item]]:
+    """read_lines, but a JSON Lines file comes as (number of the first line, bytes of whole lines) blocks, for
+    parse_block (in this or another process): no per-line work where the file is read. An over-long line comes
+    as its Problem, without being held whole."""
+    p = str(path)
+    yield from _jsonl_or_items(p, require_id, lambda f: _blocks(f, p, block_bytes))
+
+
+def _jsonl_or_items(p: str, require_id: bool, read_jsonl) -> Iterator:
+    """The checks every input file gets; then a JSON array's items, or read_jsonl(file) for JSON Lines."""
     if not os.path.exists(p):
         yield Problem(p, 0, "", "no such file")
         return
@@ -81,26 +108,69 @@ def read_records(path: Union[str, Path], *, require_id: bool = False) -> Iterato
         if head.startswith(b"["):
             yield from _read_array(f, p, require_id)
             return
-        for lineno, raw in enumerate(_lines(f), start=1):
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            if len(raw) > MAX_LINE_BYTES:
-                yield Problem(p, lineno, "", f"line is {len(raw):,} bytes, over the {MAX_LINE_BYTES:,}-byte limit",
-                              raw[:2000].decode("utf-8", "replace"))
-                continue
-            raw = raw.rstrip(b"\r\n")
-            if not raw.strip():
-                continue
-            text = _decode(raw, p, lineno)
-            if isinstance(text, Problem):
-                yield text
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield Problem(p, lineno, "", f"invalid JSON ({e.msg} at column {e.colno})", text[:2000])
-                continue
-            yield _check(obj, p, lineno, text, require_id)
+        yield from read_jsonl(f)
+
+
+def _blocks(f, p: str, block_bytes: int) -> Iterator[Union[tuple[int, bytes], Item]]:
+    lineno, carry = 1, b""
+    while True:
+        data = f.read(block_bytes)
+        if not data:
+            if carry:
+                yield lineno, carry
+            return
+        data = carry + data if carry else data
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:  # no line end yet: one line longer than a block
+            carry = data
+            if len(carry) > MAX_LINE_BYTES:  # skip the rest of the line; keep its head for the message
+                size = len(carry)
+                while True:
+                    more = f.readline(MAX_LINE_BYTES)
+                    size += len(more)
+                    if not more or more.endswith(b"\n"):
+                        break
+                yield parse_line(_Long(carry[:2000], size), p, lineno)
+                lineno, carry = lineno + 1, b""
+            continue
+        yield lineno, data[:cut]
+        lineno += data.count(b"\n", 0, cut)
+        carry = data[cut:]
+
+
+def parse_block(data: bytes, path: str, first_lineno: int, *,
+                require_id: bool = False) -> Iterator[tuple[bytes, Item]]:
+    """The records and problems of one read_blocks block, as read_records gives them, each with its raw line."""
+    lines = data.split(b"\n")
+    if not lines[-1]:
+        lines.pop()  # the block ends with a newline (or is the file's unterminated last line)
+    last = len(lines) - 1
+    for k, raw in enumerate(lines):
+        if len(raw) >= MAX_LINE_BYTES and (k < last or data.endswith(b"\n")):
+            raw += b"\n"  # the limit counts the newline, as readline does
+        item = parse_line(raw, path, first_lineno + k, require_id=require_id)
+        if item is not None:
+            yield raw, item
+
+
+def parse_line(raw: bytes, path: str, lineno: int, *, require_id: bool = False) -> Union[Item, None]:
+    """One raw JSON Lines line → a Located record, a Problem, or None for a blank line."""
+    if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    if len(raw) > MAX_LINE_BYTES:
+        return Problem(path, lineno, "", f"line is {len(raw):,} bytes, over the {MAX_LINE_BYTES:,}-byte limit",
+                       raw[:2000].decode("utf-8", "replace"))
+    raw = raw.rstrip(b"\r\n")
+    if not raw.strip():
+        return None
+    text = _decode(raw, path, lineno)
+    if isinstance(text, Problem):
+        return text
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return Problem(path, lineno, "", f"invalid JSON ({e.msg} at column {e.colno})", text[:2000])
+    return _check(obj, path, lineno, text, require_id)
 
 
 def _lines(f) -> Iterator[bytes]:

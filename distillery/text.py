@@ -14,21 +14,22 @@ _SPACE = regex.compile(r"\s")
 _NEEDS_CLUSTERING = regex.compile(r"[^\p{Han}\p{P}\p{N}\p{Latin}\s]")
 EMOJI = regex.compile(r"\p{Extended_Pictographic}")
 # Modal particles a 小红书 line may end on.
-PARTICLES = "呀啊呢哦吧啦哟嘛哈噢喔"
+PARTICLES = "呀啊呢哦吧啦哟嘛哈噢喔咯哇呐嘞喽呦"
 
 
 def char_count(text: str) -> int:
     """字数 of `text`: grapheme clusters that are not whitespace."""
     if not _NEEDS_CLUSTERING.search(text):
         return len(text) - len(_SPACE.findall(text))
-    return sum(1 for g in _GRAPHEME.findall(text) if not g.isspace())
+    clusters = _GRAPHEME.findall(text)
+    return len(clusters) - sum(map(str.isspace, clusters))  # map over a C method: no Python frame a cluster
 
 
 def emoji_list(text: str) -> list[str]:
     """The emoji of `text`, one entry per cluster (a ZWJ sequence or an emoji with its variation selector is one)."""
     if not EMOJI.search(text):  # fast path: most text has none
         return []
-    return [g for g in _GRAPHEME.findall(text) if EMOJI.search(g)]
+    return list(filter(EMOJI.search, _GRAPHEME.findall(text)))
 
 
 def without_emoji(text: str) -> str:

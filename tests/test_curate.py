@@ -241,3 +241,99 @@ def test_near_duplicate_graded(ctx):
     assert out[1]["curation"]["verdict"] in ("rejected", "doubtful")
     assert "near duplicate of " + out[0]["id"] in out[1]["curation"]["reasons"][-1]["detail"]
     assert out[2]["curation"]["verdict"] == "approved"
+
+
+# ---------------------------------------------------------------- the 1M-record path: batches, blocks, workers
+
+def _sample_lines(n_copies: int = 3) -> list[str]:
+    """The reference corpora several times over, with exact and one-character near duplicates close together (same
+    chunk) and far apart (other chunks), records without id, one with an old curation, odd formatting, bad lines."""
+    base = [json.loads(x) for p in (BLESSINGS, DEFECTS) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+    lines = []
+    for k in range(n_copies):
+        for i, r in enumerate(base):
+            r = dict(r, id=f"{r['id']}-{k}")
+            if k and i % 3:
+                r["output"] = r["output"][:-2] + "好" + r["output"][-1:]  # near duplicate of copy 0
+            lines.append(json.dumps(r, ensure_ascii=False))
+            if i % 97 == 0:
+                lines.append(json.dumps(dict(r, id=r["id"] + "-again"), ensure_ascii=False))  # same chunk
+    plain = {"instruction": "i", "input": "祝妈妈生日快乐,正常风格", "output": "妈妈，生日快乐！愿您身体健康，万事顺意。"}
+    lines.insert(5, json.dumps(plain, ensure_ascii=False, indent=None, separators=(", ", ": ")))  # no id, spaces
+    lines.insert(7, json.dumps(dict(plain, output="旧的结论还在", curation={"verdict": "approved", "reasons": []}),
+                               ensure_ascii=True))
+    lines.insert(9, "{not json")
+    lines.insert(11, "")
+    return lines
+
+
+def test_parallel_run_equals_serial(tmp_path, monkeypatch):
+    import curate.pipeline as pl
+    data = tmp_path / "in.jsonl"
+    data.write_bytes(("\ufeff" + "\r\n".join(_sample_lines()) + "\r\n").encode("utf-8"))
+    monkeypatch.setattr(pl, "BLOCK_BYTES", 8192)  # many chunks, so duplicates cross chunk boundaries
+    cfg = CurateConfig(recipe=str(ROOT / "dataset/recipes/blessing.toml"), dedup_reference="")
+    outs = []
+    for workers in (0, 2):
+        d = tmp_path / f"w{workers}"
+        s = pl.run([str(data)], d, cfg, workers=workers)
+        outs.append({f.name: f.read_bytes() for f in sorted(d.iterdir())})
+    assert outs[0] == outs[1]
+    recs = [json.loads(x) for v in ("approved", "doubtful", "rejected") for x in outs[0][f"{v}.jsonl"].splitlines()]
+    assert len(recs) == s.valid == len(_sample_lines()) - 2 and len(s.problems) == 1
+    assert all(set(r["curation"]) == {"verdict", "reasons", "config_hash"} for r in recs)
+    dup = sum(r["curation"]["reasons"][-1]["filter"] == "duplicates" for r in recs if r["curation"]["reasons"])
+    assert dup > 800
+    # The same verdicts as the in-memory path (one batch after the other, no blocks, no workers).
+    mem = {r["id"]: r["curation"] for r in curate_records(
+        [json.loads(x) for x in _sample_lines() if x.startswith("{\"")],
+        Context(cfg), Summary(), pl.build_index(Context(cfg)))}
+    assert {r["id"]: r["curation"] for r in recs} == mem
+
+
+def test_output_line_is_input_line_plus_curation(tmp_path):
+    import curate.pipeline as pl
+    lines = _sample_lines(1)
+    data = tmp_path / "in.jsonl"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    d = tmp_path / "out"
+    pl.run([str(data)], d, CurateConfig(dedup_reference=""), workers=0)
+    out = {json.loads(x)["id"]: x for v in ("approved", "doubtful", "rejected")
+           for x in (d / f"{v}.jsonl").read_text(encoding="utf-8").splitlines()}
+    r0 = json.loads(lines[0])
+    assert out[r0["id"]].startswith(lines[0][:-1] + ',"curation":{"verdict":')  # the bytes read, not re-encoded
+    spaced = [json.loads(x) for x in out.values() if json.loads(x)["output"].startswith("妈妈，生日快乐！愿您身体健康，万事")]
+    assert spaced and spaced[0]["id"].startswith("x-")  # an id was added to the record that had none
+    old = [x for x in out.values() if json.loads(x)["output"] == "旧的结论还在"]
+    assert old[0].count('"curation"') == 1 and json.loads(old[0])["curation"]["config_hash"]  # replaced, not repeated
+
+
+def test_dedup_batch_equals_one_by_one():
+    texts = [json.loads(x)["output"] for x in BLESSINGS.read_text(encoding="utf-8").splitlines() if x.strip()]
+    texts = texts[:300] + [t[:-1] + "啊" for t in texts[:300:7]] + texts[:300:11] + ["", "！！", "生日快乐"] * 2
+    import numpy as np
+    add = np.array([i % 5 != 0 for i in range(len(texts))])
+    one = DedupIndex(perms=96, bands=24, threshold=0.5)
+    want = [one.check_add(f"r{i}", t, add=bool(a)) for i, (t, a) in enumerate(zip(texts, add))]
+    batch = DedupIndex(perms=96, bands=24, threshold=0.5)
+    got = []
+    for k in range(0, len(texts), 128):  # within-batch and cross-batch duplicates both occur
+        got += batch.check_batch([f"r{i}" for i in range(k, min(k + 128, len(texts)))],
+                                 batch.prepare(texts[k:k + 128]), add[k:k + 128])
+    assert got == want
+    assert sum(h is not None and h[1] == 1.0 for h in got) > 20 and sum(h is not None and h[1] < 1.0 for h in got) > 20
+
+
+def test_read_blocks_equals_read_records(tmp_path):
+    from distillery.io import MAX_LINE_BYTES, parse_block, read_blocks, read_records
+    p = tmp_path / "a.jsonl"
+    long_line = json.dumps({"instruction": "x", "input": "", "output": "长" * MAX_LINE_BYTES})
+    p.write_bytes(("\ufeff" + "\r\n".join(_sample_lines(1)[:40] + [long_line] + _sample_lines(1)[40:80])).encode())
+    want = [(type(x).__name__, x.line, getattr(x, "record", None) or str(x)) for x in read_records(p)]
+    for block_bytes in (64, 5000, 1 << 20):
+        got = []
+        for e in read_blocks(p, block_bytes=block_bytes):
+            items = [it for _, it in parse_block(e[1], str(p), e[0])] if isinstance(e, tuple) else [e]
+            got += [(type(x).__name__, x.line, getattr(x, "record", None) or str(x)) for x in items]
+        assert got == want, block_bytes
+    assert any("over the" in str(x[2]) for x in want)

@@ -4,8 +4,11 @@ Each source line is: scene <TAB> style <TAB> recipient <TAB> constraint# (0-3) <
 (defect sources add a 7th column: the defect kind). This script fills in the reference `instruction` and
 `input` from the recipe, the meta fields, a content-derived id and the provenance, and checks every good
 greeting against the recipe (cell allowed, 字数 under the cap, emoji rules per style, forbidden phrases).
+The held-out quality set (heldout-good / heldout-bad, written separately from the corpus so that the curate
+filters are not judged on the lines they were tuned on) is built the same way.
 
-    python dataset/tools/build_reference.py            # writes blessings.jsonl and defects.jsonl, exit 1 on problems
+    python dataset/tools/build_reference.py            # writes the .jsonl files, exit 1 on problems
+    python dataset/tools/build_reference.py --check    # exit 1 if a .jsonl file differs from what src/ builds
 """
 from __future__ import annotations
 
@@ -24,6 +27,13 @@ RECIPE = ROOT / "dataset/recipes/blessing.toml"
 SRC = ROOT / "dataset/reference/src"
 OUT = ROOT / "dataset/reference"
 AUTHOR = "distillery maintainers"
+# kind (= source file prefix and output name) → (id prefix, is a defect set, provenance source)
+KINDS = {
+    "blessings": ("ref", False, "hand-written"),
+    "defects": ("bad", True, "hand-written-defect"),
+    "heldout-good": ("held", False, "hand-written-heldout"),
+    "heldout-bad": ("heldbad", True, "hand-written-heldout-defect"),
+}
 
 
 def load_recipe() -> dict:
@@ -73,6 +83,7 @@ def build(kind: str, recipe: dict) -> tuple[list[dict], list[str]]:
     scenes = {s["name"]: s for s in recipe["scenes"]}
     styles = {s["name"] for s in recipe["styles"]}
     relation_of = {r["name"]: r["relation"] for r in recipe["recipients"]}
+    prefix, is_defect, source = KINDS[kind]
     records, problems, seen = [], [], set()
     for path in sorted(SRC.glob(f"{kind}*.tsv")):
         for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -80,7 +91,7 @@ def build(kind: str, recipe: dict) -> tuple[list[dict], list[str]]:
                 continue
             where = f"{path.relative_to(ROOT)}:{lineno}"
             cols = line.split("\t")
-            want = 7 if kind == "defects" else 6
+            want = 7 if is_defect else 6
             if len(cols) != want:
                 problems.append(f"{where}: expected {want} tab-separated columns, got {len(cols)}")
                 continue
@@ -97,13 +108,12 @@ def build(kind: str, recipe: dict) -> tuple[list[dict], list[str]]:
                 "schema": SCHEMA_VERSION, "recipe": recipe["recipe"]["name"], "scene": scene, "style": style,
                 "recipient": recipient, "relation": relation, "constraint": constraint,
                 "constraint_index": int(ci), "max_chars": int(cap),
-                "provenance": {"source": "hand-written", "author": AUTHOR},
+                "provenance": {"source": source, "author": AUTHOR},
             }
-            if kind == "defects":
+            if is_defect:
                 meta["defect"] = cols[6].strip()
-                meta["provenance"] = {"source": "hand-written-defect", "author": AUTHOR}
             rec = {
-                "id": content_id("ref" if kind == "blessings" else "bad", scene, style, recipient, output),
+                "id": content_id(prefix, scene, style, recipient, output),
                 "instruction": recipe["recipe"]["system"],
                 "input": recipe["recipe"]["input_template"].format(
                     recipient=recipient, wish=scenes[scene]["wish"], style=style),
@@ -114,23 +124,31 @@ def build(kind: str, recipe: dict) -> tuple[list[dict], list[str]]:
                 problems.append(f"{where}: duplicate of an earlier line")
                 continue
             seen.add(rec["id"])
-            if kind == "blessings":
+            if not is_defect:
                 problems += [f"{where}: {p}: {output}" for p in check_good(recipe, rec)]
             records.append(rec)
     return records, problems
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    check = "--check" in (sys.argv[1:] if argv is None else argv)
     recipe = load_recipe()
     status = 0
-    for kind in ("blessings", "defects"):
+    for kind in KINDS:
         records, problems = build(kind, recipe)
         for p in problems:
             print(p, file=sys.stderr)
         status |= bool(problems)
-        if records:
-            with open(OUT / f"{kind}.jsonl", "w", encoding="utf-8") as f:
-                f.writelines(dumps(r) + "\n" for r in records)
+        if not records:
+            continue
+        path, text = OUT / f"{kind}.jsonl", "".join(dumps(r) + "\n" for r in records)
+        if check:
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
+                print(f"{path.relative_to(ROOT)} differs from what src/ builds: run {Path(__file__).relative_to(ROOT)}",
+                      file=sys.stderr)
+                status = 1
+        else:
+            path.write_text(text, encoding="utf-8")
         print(f"{kind}: {len(records)} records, {len(problems)} problems")
     return status
 
