@@ -1,6 +1,7 @@
 """Human review of doubtful samples in Label Studio: serve, push, pull, status.
 
-Exit codes of `python -m curate.review`: 0 ok, 2 a ReviewError (server down, bad token, unknown project, bad input).
+Exit codes of `python -m curate.review`: 0 ok, 1 some work failed (a push interrupted mid-way: run it again),
+2 a ReviewError (server down, bad token, unknown project, bad input).
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ class ReviewConfig:
 class ReviewError(Exception):
     """Anything the user must fix; printed as one line, exit 2."""
 
+    exit_code = 2
+
 
 class ServerDown(ReviewError):
     pass
@@ -45,3 +48,9 @@ class AuthError(ReviewError):
 
 class ProjectNotFound(ReviewError):
     pass
+
+
+class PushInterrupted(ReviewError):
+    """The server went away in the middle of a push: part of it is in; re-running push finishes it."""
+
+    exit_code = 1

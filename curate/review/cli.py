@@ -1,7 +1,12 @@
-"""`python -m curate.review {serve,stop,push,pull,status}`; exit 0 ok, 2 on a ReviewError (one line, no traceback)."""
+"""`python -m curate.review {serve,stop,push,pull,status}`.
+
+Exit codes: 0 ok; 1 push interrupted mid-way (the server went away: restart it, run push again, it resumes);
+2 a ReviewError or a lost connection (one line, no traceback).
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -28,6 +33,7 @@ def add_arguments(sub) -> None:
     p.add_argument("dir")
     p.add_argument("--project", required=True)
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=ReviewConfig.batch_size, help="tasks per import POST")
     p.set_defaults(func=cmd_push)
     p = sub.add_parser("pull", help="annotations → DIR/{approved,rejected,doubtful}.jsonl; idempotent")
     _common(p)
@@ -52,6 +58,8 @@ def _cfg(a) -> ReviewConfig:
         cfg.port = a.port
     if getattr(a, "venv", None):
         cfg.venv = Path(a.venv)
+    if getattr(a, "batch_size", None) is not None:
+        cfg.batch_size = a.batch_size
     return cfg
 
 
@@ -79,7 +87,13 @@ def cmd_push(a) -> int:
     from curate.review.client import connect
     from curate.review.push import push
     cfg = _cfg(a)
-    r = push(connect(cfg), Path(a.dir), a.project, cfg, a.limit)
+    if cfg.batch_size < 1:
+        raise ReviewError("--batch-size must be at least 1")
+
+    def report(done: int, total: int) -> None:
+        print(f"pushed {done}/{total}", file=sys.stderr, flush=True)
+
+    r = push(connect(cfg), Path(a.dir), a.project, cfg, a.limit, progress=report)
     for pr in r.problems:
         print(f"skipped bad line: {pr}", file=sys.stderr)
     print(f"project {a.project!r} (id {r.project_id}): {r.created} tasks created, {r.already_present} already there")
@@ -124,6 +138,20 @@ def run_parsed(a) -> int:
         return a.func(a)
     except ReviewError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
+    except Exception as e:   # noqa: BLE001 - only the two client failures below become one line
+        import httpx   # imported here: `serve`/`stop` should not pay for the SDK import
+        from label_studio_sdk.core.api_error import ApiError
+        if isinstance(e, httpx.HTTPError):   # the server went away between two calls
+            print(f"error: lost the connection to Label Studio ({type(e).__name__}); is the server still running?",
+                  file=sys.stderr)
+            return 2
+        if isinstance(e, ApiError):
+            body = e.body if isinstance(e.body, dict) else {}
+            why = body.get("validation_errors") or body.get("detail")
+            print(f"error: Label Studio answered HTTP {e.status_code}" + (f": {json.dumps(why, ensure_ascii=False)}"
+                                                                         if why else ""), file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         return 130

@@ -1,6 +1,7 @@
 """A checked Label Studio client: URL + key from env or credentials.json, bounded retries, one-line errors."""
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -61,6 +62,20 @@ def get_project(ls, title: str):
     return p
 
 
-def tasks_with_annotations(ls, project_id: int):
-    """Every task with its full annotations (fields=all)."""
-    return list(ls.tasks.list(project=project_id, fields="all", page_size=1000))
+def annotated_tasks(ls, project_id: int) -> list[dict]:
+    """The tasks with at least one annotation, as plain dicts {id, data, annotations: [...]}.
+
+    Read through the export API: 10k tasks in ~18 s against ~56 s for the SDK's task listing with fields=all (the
+    export skips ~25 computed fields per task and the SDK's pydantic models). The export names annotators by id
+    only, so each annotation gets `reviewer` (the user's email) from the user list.
+    """
+    raw = b"".join(ls.projects.exports.download_sync(project_id, export_type="JSON", download_all_tasks=False))
+    tasks = json.loads(raw)
+    emails = {u.id: u.email or u.username for u in ls.users.list()}
+    for t in tasks:
+        for a in t.get("annotations") or []:
+            who = a.get("completed_by")
+            if isinstance(who, dict):   # some server versions inline the user
+                who = who.get("id")
+            a["reviewer"] = emails.get(who) or f"user {who}"
+    return tasks

@@ -16,9 +16,7 @@ def label_config(reject_reasons: list[str]) -> str:
     return f"""<View>
   <Header value="Instruction"/><Text name="instruction" value="$instruction"/>
   <Header value="Input"/><Text name="input" value="$input"/>
-  <Header value="Scene / style / recipient / constraint / max chars"/>
-  <Text name="scene" value="$scene"/><Text name="style" value="$style"/><Text name="recipient" value="$recipient"/>
-  <Text name="constraint" value="$constraint"/><Text name="max_chars" value="$max_chars"/>
+  <Header value="Occasion"/><Text name="context" value="$context"/>
   <Header value="Why the curator doubts it (filter: detail, score)"/><Text name="filter_info" value="$filter_info"/>
   <Header value="Teacher output (edit below for approve-with-edit)"/><Text name="output" value="$output"/>
   <TextArea name="edited_output" toName="output" editable="true" rows="4" maxSubmissions="1"/>
@@ -42,16 +40,24 @@ def filter_info(rec: dict) -> str:
     return "\n".join(f"{r.get('filter')}: {r.get('detail')} (score {r.get('score')})" for r in reasons) or "-"
 
 
+def context_line(meta: dict) -> str:
+    """One labelled line (the bare values alone are hard to tell apart on the page)."""
+    return " · ".join(f"{k.replace('_', ' ')}: {meta.get(k) if meta.get(k) not in (None, '') else '–'}"
+                      for k in META_KEYS)
+
+
 def task_for(rec: dict) -> dict:
     """One task; the prediction pre-fills the TextArea with the teacher output so it shows on first view."""
     meta = rec.get("meta") or {}
-    n, s = uncertainty(rec)
+    _, s = uncertainty(rec)
     data = {"sample_id": rec["id"], "instruction": rec["instruction"], "input": rec["input"],
             "output": rec["output"], "filter_info": filter_info(rec),
             "reasons": (rec.get("curation") or {}).get("reasons") or [], "uncertainty": s}
-    data.update({k: "" if meta.get(k) is None else str(meta.get(k)) for k in META_KEYS})
+    # the separate keys are Data Manager columns (filter / sort by scene...); `context` is what the view shows
+    data.update({k: "" if meta.get(k) is None else str(meta.get(k)) for k in META_KEYS}, context=context_line(meta))
     return {"data": data,
-            "predictions": [{"model_version": "curate", "score": s, "result": [
+            # no prediction score: LS shows it as a percentage and the uncertainty is not one (it is data.uncertainty)
+            "predictions": [{"model_version": "curate", "result": [
                 {"from_name": "edited_output", "to_name": "output", "type": "textarea",
                  "value": {"text": [rec["output"]]}}]}]}
 

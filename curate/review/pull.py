@@ -18,7 +18,7 @@ from distillery.io import Located, read_records, write_jsonl_atomic
 from distillery.record import ensure_id
 
 from curate.review import ReviewError
-from curate.review.client import tasks_with_annotations
+from curate.review.client import annotated_tasks
 from curate.review.labeling import parse_result
 
 
@@ -34,8 +34,7 @@ class Outcome:
 
 
 def _reviewer(a: dict) -> str:
-    name = (a.get("created_username") or "").strip()
-    return name.split(",")[0].strip() if name else f"user {a.get('completed_by')}"
+    return a.get("reviewer") or f"user {a.get('completed_by')}"
 
 
 def decide(annotations: list[dict]):
@@ -53,8 +52,10 @@ def decide(annotations: list[dict]):
     return "decided", max(latest.values(), key=lambda ap: (str(ap[0].get("updated_at")), ap[0]["id"]))
 
 
-def _recheck(rec: dict) -> str | None:
-    """None if the edited record passes; else a reason."""
+def _recheck(recs: list[dict]) -> list[str | None]:
+    """Per edited record: None if it passes the curator, else why not. One curator pass for all of them."""
+    if not recs:
+        return []
     try:
         from curate.config import CurateConfig
         from curate.filters import Context
@@ -62,24 +63,25 @@ def _recheck(rec: dict) -> str | None:
         cfg = CurateConfig()
         if not Path(cfg.recipe).exists():   # default is relative to the repo root; make it cwd-independent
             cfg.recipe = str(Path(__file__).resolve().parents[2] / cfg.recipe)
-        r = dict(rec)
-        r.pop("curation", None)
-        out = next(curate_records([r], Context(cfg), Summary(), None))
-        cur = out["curation"]
-        if cur["verdict"] == "rejected":
-            return "; ".join(f"{x['filter']}: {x['detail']}" for x in cur["reasons"]) or "rejected"
-        return None
+        fresh = []
+        for rec in recs:
+            r = dict(rec)
+            r.pop("curation", None)
+            fresh.append(r)
+        why = {}   # keyed by object: the curator yields the records it was given, not necessarily in order
+        for r in curate_records(fresh, Context(cfg), Summary(), None):
+            cur = r["curation"]
+            why[id(r)] = None if cur["verdict"] != "rejected" else \
+                "; ".join(f"{x['filter']}: {x['detail']}" for x in cur["reasons"]) or "rejected"
+        return [why[id(r)] for r in fresh]
     except (ImportError, OSError):   # no usable curator here: fall back to the hard rules
         from distillery.text import char_count
-        meta = rec.get("meta") or {}
-        mc = meta.get("max_chars")
-        if mc and char_count(rec["output"]) >= mc:
-            return f"length: {char_count(rec['output'])} 字 >= max_chars {mc}"
-        return None
-
-
-def _annotations(task) -> list[dict]:
-    return [a if isinstance(a, dict) else a.model_dump(mode="json") for a in (task.annotations or [])]
+        out = []
+        for rec in recs:
+            mc = (rec.get("meta") or {}).get("max_chars")
+            n = char_count(rec["output"])
+            out.append(f"length: {n} 字 >= max_chars {mc}" if mc and n >= mc else None)
+        return out
 
 
 def _read(path: Path) -> list[dict]:
@@ -102,11 +104,10 @@ def pull(ls, project, into: Path) -> Outcome:
     doubtful = _read(into / "doubtful.jsonl")
     approved, rejected = _read(into / "approved.jsonl"), _read(into / "rejected.jsonl")
     done = {r["id"] for r in approved} | {r["id"] for r in rejected}
-    by_sid = {}
-    for t in tasks_with_annotations(ls, project.id):
-        by_sid[(t.data or {}).get("sample_id")] = _annotations(t)
+    by_sid = {(t.get("data") or {}).get("sample_id"): t.get("annotations") or []
+              for t in annotated_tasks(ls, project.id)}
     res = Outcome()
-    keep = []
+    keep, edits = [], []   # edits: (record, has text), re-checked after the loop
     for rec in doubtful:
         if rec["id"] in done:   # moved by an earlier pull whose doubtful rewrite did not happen: drop the copy
             continue
@@ -145,17 +146,22 @@ def pull(ls, project, into: Path) -> Outcome:
             if text and text != rec["output"]:
                 prov.setdefault("original_output", rec["output"])
                 rec["output"] = text
-            why = _recheck(rec) if text else "empty edited text"
-            if why:
-                cur = rec.setdefault("curation", {"verdict": "doubtful", "reasons": []})
-                cur["verdict"] = "doubtful"
-                cur.setdefault("reasons", []).append({"filter": "review", "detail": f"edited text failed re-check: {why}", "score": 1.0})
-                keep.append(rec)
-                res.edit_failed += 1
-            else:
-                rec["curation"] = {**(rec.get("curation") or {}), "verdict": "approved"}
-                approved.append(rec)
-                res.edited += 1
+            edits.append((rec, bool(text)))
+    # edits are re-checked together: the curator's set-up (recipe, regexes) costs more than judging one record
+    checked = iter(_recheck([rec for rec, has_text in edits if has_text]))
+    for rec, has_text in edits:
+        why = next(checked) if has_text else "empty edited text"
+        if why:
+            cur = rec.setdefault("curation", {"verdict": "doubtful", "reasons": []})
+            cur["verdict"] = "doubtful"
+            cur.setdefault("reasons", []).append({"filter": "review", "detail": f"edited text failed re-check: {why}",
+                                                  "score": 1.0})
+            keep.append(rec)
+            res.edit_failed += 1
+        else:
+            rec["curation"] = {**(rec.get("curation") or {}), "verdict": "approved"}
+            approved.append(rec)
+            res.edited += 1
     # approved/rejected first: a crash in between leaves a record in two files, which the next pull repairs,
     # never in none.
     write_jsonl_atomic(into / "approved.jsonl", approved)
@@ -175,20 +181,19 @@ class Status:
 
 
 def status(ls, project) -> Status:
-    st = Status()
-    for t in tasks_with_annotations(ls, project.id):
-        anns = _annotations(t)
-        st.tasks += 1
+    st = Status(tasks=ls.projects.get(id=project.id).task_number or 0)
+    for t in annotated_tasks(ls, project.id):   # tasks without annotations are pending
+        anns = t.get("annotations") or []
         for a in anns:
             if not a.get("was_cancelled"):
                 st.per_reviewer[_reviewer(a)] += 1
                 d = parse_result(a.get("result"))["decision"]
                 st.decisions[_reviewer(a)][d] += 1
         state, win = decide(anns)
-        if state == "pending":
-            st.pending += 1
-        elif state == "conflict":
-            st.conflicts.append(((t.data or {}).get("sample_id"), sorted(f"{_reviewer(a)}={p['decision']}" for a, p in win)))
-        else:
+        if state == "conflict":
+            st.conflicts.append(((t.get("data") or {}).get("sample_id"),
+                                 sorted(f"{_reviewer(a)}={p['decision']}" for a, p in win)))
+        elif state == "decided":
             st.reviewed += 1
+    st.pending = st.tasks - st.reviewed - len(st.conflicts)
     return st
