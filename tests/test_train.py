@@ -96,6 +96,9 @@ def test_packing_lets_no_attention_cross_samples(tiny):
     rows = [train.encode(r, tok, "deepseek") for r in RECORDS[:4]]
     batch = train.collator(train.preset_config("fast"), tok)(rows)
     assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch
+    real = sum(len(r["input_ids"]) for r in rows)
+    assert batch["input_ids"].shape[1] % 16 == 0 and real <= batch["input_ids"].shape[1] < real + 16
+    assert (batch["labels"][0, real:] == -100).all()  # the alignment filler is never a target
     with torch.no_grad():
         packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
         off = 0
@@ -174,21 +177,43 @@ def test_resume_continues_step_count(tiny, tmp_path, capsys):
     assert [h["step"] for h in meta["log_history"] if "loss" in h] == [1, 2, 3, 4]
 
 
-def test_callback_logs_pass_rate(tiny, tmp_path, capsys):
-    prompts = [{"prompt": RECORDS[0]["instruction"] + "祝姐姐生日快乐", "max_chars": 50},
-               {"prompt": RECORDS[0]["instruction"] + "祝王总开业大吉", "max_chars": 2}]
-    meta = core.run(tiny["release"], tiny["model"], tmp_path / "c",
-                    cfg("fast", tmp_path, max_steps=2, eval_every=1, eval_prompts=prompts))
-    rates = [h for h in meta["log_history"] if "pass_rate" in h]
-    assert [h["step"] for h in rates] == [1, 2]
-    assert all(0.0 <= h["pass_rate"] <= 0.5 for h in rates)  # the max_chars=2 prompt can never pass (8 new tokens+)
+def test_callback_logs_curator_pass_rate_in_a_plain_hf_trainer(tiny, tmp_path, capsys):
+    """The plugin as a user wires it into their own Trainer: dataset, LoRA config, collator, callback."""
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments
+    from curate.filters import ALL
+    tok = tiny["tok"]
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32),
+                           train.lora_config("fast"))
+    prompts = [{**RECORDS[1], "meta": {"max_chars": 50, "constraint": ""}}, "祝王总开业大吉,严肃风格"]
+    cb = train.PassRateCallback(prompts, 1, max_new_tokens=8)  # tokenizer: the Trainer's processing_class
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, max_steps=2,
+                             logging_steps=1, save_strategy="no", use_cpu=True, report_to=[],
+                             remove_unused_columns=False, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=train.build_dataset(tiny["release"], tok, "deepseek"),
+                      data_collator=train.collator("fast", tok), processing_class=tok, callbacks=[cb])
+    trainer.train()
+    rates = [h for h in trainer.state.log_history if "pass_rate" in h]
+    assert [h["step"] for h in rates] == [1, 2] and cb.history == rates
+    assert all(0.0 <= h["pass_rate"] <= h["pass_or_doubtful_rate"] <= 1.0 for h in rates)
+    # 8 tokens of an untrained model: the curator fails them and names the filters that did
+    fails = {k[len("fails/"):] for h in rates for k in h if k.startswith("fails/")}
+    assert fails and fails <= set(ALL) | {"empty"}
     assert "pass rate" in capsys.readouterr().out
 
 
-def test_pass_check_counts_chars():
-    assert train.pass_check_chars("生日快乐🎂", 6)[0] is True
-    assert train.pass_check_chars("生日快乐🎂!", 6) == (False, "6 字 >= 6")
-    assert train.pass_check_chars("  ", 10)[0] is False
+def test_cuda_oom_becomes_one_line_naming_preset_and_batch_size():
+    for preset, bs, accum, want in (("reference", 8, 2, "--batch-size 4 --grad-accum 4 (same effective batch)"),
+                                    ("fast", 8, 1, "--preset lean"), ("lean", 1, 4, "a GPU with more memory")):
+        with pytest.raises(train.TrainError) as e:
+            with core.explain_oom(train.preset_config(preset, batch_size=bs, grad_accum=accum)):
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        msg = str(e.value)
+        assert f"preset {preset}, batch size {bs}" in msg and want in msg and "\n" not in msg, msg
+    with pytest.raises(ValueError):  # anything else is not dressed up as an OOM
+        with core.explain_oom(train.preset_config("fast")):
+            raise ValueError("x")
 
 
 def test_cli_errors_are_one_line_exit_2(tiny, tmp_path, capsys):
@@ -200,6 +225,10 @@ def test_cli_errors_are_one_line_exit_2(tiny, tmp_path, capsys):
     noweights.mkdir()
     (noweights / "config.json").write_text("{}")
     (noweights / "tokenizer.json").write_text("{}")
+    notok = tmp_path / "nt"
+    notok.mkdir()
+    (notok / "config.json").write_text("{}")
+    (notok / "model.safetensors").write_bytes(b"")
     nochat = tmp_path / "nochat"
     build_tiny(nochat, chat_template=False)
     capsys.readouterr()
@@ -207,6 +236,7 @@ def test_cli_errors_are_one_line_exit_2(tiny, tmp_path, capsys):
         (["--data", str(tmp_path / "nope"), "--model", str(tiny["model"])], "no such release"),
         (["--data", str(empty), "--model", str(tiny["model"])], "release is empty"),
         (["--data", str(tiny["release"]), "--model", str(noweights)], "no weights"),
+        (["--data", str(tiny["release"]), "--model", str(notok)], "no tokenizer"),
         (["--data", str(tiny["release"]), "--model", str(nochat), "--template", "auto"], "no chat template"),
     ]
     for i, (args, msg) in enumerate(cases):
@@ -222,3 +252,43 @@ def test_cli_gpu_preset_without_gpu_exits_2_in_a_real_process(tiny, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr
     assert p.stderr.strip().splitlines() == [p.stderr.strip()] and "needs a GPU" in p.stderr, p.stderr
+
+
+def test_compiled_layers_match_eager_on_packed_rows(tiny):
+    """The fast preset's compiled decoder layers compute the same loss and LoRA gradients as eager (aot_eager
+    backend: the same dynamo capture and autograd split the GPU uses, without a C++ toolchain in CI)."""
+    from peft import get_peft_model
+    torch._dynamo.reset()
+    tok = tiny["tok"]
+    cfg = train.preset_config("fast", cpu=True, lora_dropout=0.0)
+    coll = train.collator(cfg, tok)
+    batches = [coll([train.encode(r, tok, "deepseek") for r in RECORDS[i:i + 4]]) for i in (0, 4, 8)]
+
+    def loss_and_grads(compiled: bool):
+        torch.manual_seed(0)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32),
+                               train.lora_config(cfg))
+        if compiled:
+            assert core.compile_decoder_layers(model, backend="aot_eager") == 2
+        out = []
+        for b in batches:  # three row lengths: dynamic shapes, no recompile per length
+            model.zero_grad()
+            loss = model(**b).loss
+            loss.backward()
+            out.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+        return out
+
+    for (l_eager, g_eager), (l_comp, g_comp) in zip(loss_and_grads(False), loss_and_grads(True)):
+        torch.testing.assert_close(l_comp, l_eager, atol=1e-5, rtol=1e-5)
+        for a, b in zip(g_comp, g_eager):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_per_device_batch_keeps_the_effective_batch():
+    from train.core import per_device_batch
+    fast, ref = train.preset_config("fast"), train.preset_config("reference")
+    assert (fast.batch_size, fast.grad_accum) == (16, 1)  # the reference's 8 x 2, as one packed row
+    assert per_device_batch(fast, 1) == (16, 1) and per_device_batch(fast, 2) == (8, 1)
+    assert per_device_batch(ref, 1) == (8, 2) and per_device_batch(ref, 2) == (8, 1) and per_device_batch(ref, 4) == (4, 1)
+    with pytest.raises(train.TrainError, match="does not split over 3"):
+        per_device_batch(fast, 3)

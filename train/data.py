@@ -43,11 +43,18 @@ class Release:
 
 
 def load_release(path: str | os.PathLike) -> Release:
-    """Read a release folder (train.json) or a .json/.jsonl file. Bad lines are collected, not fatal."""
+    """Read a release folder or a .json/.jsonl file. Bad lines are collected, not fatal.
+
+    A folder from `curate release` is read through records.jsonl (its split "train" records; same texts and order
+    as train.json, so the content hash and the tokenization cache agree); else train.json / train.jsonl."""
     p = Path(path)
     manifest_hash = None
+    only_train = False
     if p.is_dir():
-        train = p / "train.json"
+        train = p / "records.jsonl"
+        only_train = train.exists()
+        if not only_train:
+            train = p / "train.json"
         if not train.exists():
             alt = p / "train.jsonl"
             train = alt if alt.exists() else train
@@ -68,6 +75,8 @@ def load_release(path: str | os.PathLike) -> Release:
             problems.append(str(item))
         elif isinstance(item, Located):
             r = item.record
+            if only_train and r.get("split", "train") != "train":
+                continue
             records.append({"instruction": r["instruction"], "input": r["input"], "output": r["output"]})
     if not records:
         detail = f" ({problems[0]})" if problems else ""
