@@ -1,31 +1,47 @@
-"""Benchmark the synth engine against the loopback teacher (a separate process), vs a plain asyncio+AsyncOpenAI loop.
+"""Benchmark `synth run` against the loopback teacher (its own process), with a plain asyncio+AsyncOpenAI loop beside it.
 
+Throughput (issue #2's benchmark):
     .venv/bin/python bench/synth_bench.py --prompts 2000 --latency 0.2 --concurrency 16 64 256
 
-efficiency = successful prompts/s ÷ (concurrency / latency) (Little's-law bound); CPU = this process's CPU time
-(the client only: the server runs in its own process) per HTTP request.
+  efficiency (÷ bound) = successful prompts/s ÷ (concurrency / latency), the Little's-law bound.
+  client CPU ms/req = this process's CPU time (event loop + fsync thread) ÷ HTTP requests sent.
+  server CPU % = the loopback server's CPU over the wall time (near 100% would mean the server is the bottleneck).
+  kinds: engine (synth.run.Engine, default aiohttp transport), engine-sdk (--transport sdk), plain (what people
+  write first: a semaphore, one task per prompt, AsyncOpenAI on its default transport with its own 2 retries).
+
+Peak RSS of the real CLI over a large plan (plan and run, at two sizes, to show it is flat):
+    .venv/bin/python bench/synth_bench.py --rss 10000 100000
+
+  runs `python -m synth plan` and `python -m synth run` (concurrency 256, 0 ms teacher latency) as child processes
+  on a temporary copy of dataset/recipes/blessing.toml whose per_cell quota is raised to reach the size, and reports
+  each child's peak RSS (VmHWM) and its RSS half-way through (flat = about the same at both sizes).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import openai  # noqa: E402,F401  (imported up front: its import takes seconds and must not count as run time)
-from synth.plan import iter_plan  # noqa: E402
+from synth.plan import cells, iter_plan  # noqa: E402
 from synth.recipe import load_recipe  # noqa: E402
-from synth.run import Engine, RunConfig, Store, make_client  # noqa: E402
+from synth.run import Engine, RunConfig, Store, make_engine_transport  # noqa: E402
 
+RECIPE = ROOT / "dataset" / "recipes" / "blessing.toml"
 FAULTS = {"429": 0.05, "500": 0.02, "malformed": 0.01, "drop": 0.02}
+TICK = os.sysconf("SC_CLK_TCK")
 
 
 def start_server(latency: float, faults: dict[str, float]) -> tuple[subprocess.Popen, str]:
@@ -38,28 +54,38 @@ def start_server(latency: float, faults: dict[str, float]) -> tuple[subprocess.P
     return p, info["base_url"]
 
 
-def prompts(n: int) -> list:
-    return list(iter_plan(load_recipe(ROOT / "dataset" / "recipes" / "blessing.toml"), 0, n))
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
 
 
-async def engine_run(base_url: str, plan: list, conc: int) -> dict:
-    with tempfile.TemporaryDirectory() as d:
+def server_requests(base_url: str) -> int:
+    with urllib.request.urlopen(base_url.rsplit("/v1", 1)[0] + "/stats?brief=1", timeout=10) as r:
+        return json.load(r)["requests"]
+
+
+async def engine_run(base_url: str, plan: list, conc: int, transport: str) -> dict:
+    with tempfile.TemporaryDirectory() as d, open(os.devnull, "w") as devnull:
         cfg = RunConfig(out=Path(d) / "run", model="loopback", api_key="bench", base_url=base_url,
-                        concurrency=conc, timeout=30, max_attempts=8, max_tokens=256, progress_interval=3600)
+                        concurrency=conc, timeout=30, max_attempts=8, max_tokens=256, progress_interval=3600,
+                        transport=transport)
         store = Store(cfg.out)
-        client = make_client(cfg)
-        eng = Engine(cfg, store, client, say=lambda s: None)
+        tr = make_engine_transport(cfg)
+        eng = Engine(cfg, store, tr, say=lambda s: None, total=len(plan), progress_out=devnull)
         try:
             await eng.run(plan)
         finally:
-            await client.close()
+            await tr.close()
             store.close()
-        return {"done": eng.stats.done, "failed": eng.stats.failed, "requests": eng.stats.requests}
+        with open(cfg.out / "samples.jsonl", "rb") as f:
+            ids = [json.loads(line)["meta"]["prompt_id"] for line in f]
+        return {"done": eng.stats.done, "failed": eng.stats.failed, "records": len(ids),
+                "duplicates": len(ids) - len(set(ids))}
 
 
 async def plain_run(base_url: str, plan: list, conc: int) -> dict:
     """What people write first: a semaphore, one task per prompt, the SDK's own retries (default 2)."""
-    import openai
     client = openai.AsyncOpenAI(api_key="bench", base_url=base_url, timeout=30)
     sem = asyncio.Semaphore(conc)
     done = failed = 0
@@ -77,48 +103,140 @@ async def plain_run(base_url: str, plan: list, conc: int) -> dict:
                 failed += 1
     await asyncio.gather(*(one(p) for p in plan))
     await client.close()
-    return {"done": done, "failed": failed, "requests": None}
+    return {"done": done, "failed": failed, "records": None, "duplicates": None}  # it writes no file
 
 
-def measure(kind: str, base_url: str, plan: list, conc: int, latency: float) -> dict:
+def measure(kind: str, server: subprocess.Popen, base_url: str, plan: list, conc: int, latency: float) -> dict:
+    s_cpu0, s_req0 = proc_cpu_s(server.pid), server_requests(base_url)
     c0, t0 = time.process_time(), time.perf_counter()
-    res = asyncio.run((engine_run if kind == "engine" else plain_run)(base_url, plan, conc))
+    if kind == "plain":
+        res = asyncio.run(plain_run(base_url, plan, conc))
+    else:
+        res = asyncio.run(engine_run(base_url, plan, conc, "sdk" if kind == "engine-sdk" else "aiohttp"))
     cpu, wall = time.process_time() - c0, time.perf_counter() - t0
-    reqs = res["requests"]
-    res.update(kind=kind, concurrency=conc, wall_s=round(wall, 2), prompts_per_s=round(res["done"] / wall, 1),
-               efficiency=round(res["done"] / wall / (conc / latency), 3),
-               cpu_ms_per_request=round(1000 * cpu / (reqs or len(plan)), 2))
+    s_cpu, s_req = proc_cpu_s(server.pid) - s_cpu0, server_requests(base_url) - s_req0
+    reqs = s_req  # counted at the server, the same way for every kind (plain's SDK retries included)
+    res.update(kind=kind, concurrency=conc, requests=reqs, wall_s=round(wall, 2),
+               prompts_per_s=round(res["done"] / wall, 1), efficiency=round(res["done"] / wall / (conc / latency), 3),
+               cpu_ms_per_request=round(1000 * cpu / max(1, reqs), 2),
+               server_cpu_pct=round(100 * s_cpu / wall), load_avg=round(os.getloadavg()[0], 2))
     return res
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=2000)
-    ap.add_argument("--latency", type=float, default=0.2)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[16, 64, 256])
-    ap.add_argument("--kinds", nargs="+", default=["engine", "plain"])
-    ap.add_argument("--mixes", nargs="+", default=["clean", "faults"])
-    a = ap.parse_args()
-    plan = prompts(a.prompts)
+def throughput(a: argparse.Namespace) -> None:
+    plan = list(iter_plan(load_recipe(RECIPE), 0, a.prompts))
     rows = []
     for mix in a.mixes:
-        server, url = start_server(a.latency, FAULTS if mix == "faults" else {})
+        for conc in a.concurrency:
+            for kind in a.kinds:
+                # a fresh server per measurement: faults depend on how often the server has seen a prompt, so
+                # every client meets exactly the same fault sequence
+                server, url = start_server(a.latency, FAULTS if mix == "faults" else {})
+                try:
+                    r = measure(kind, server, url, plan, conc, a.latency)
+                finally:
+                    server.terminate()
+                    server.wait(10)
+                r["mix"] = mix
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    print("| mix | client | conc | done | lost/failed | duplicates | requests | wall s | prompts/s | ÷ bound "
+          "| client CPU ms/req | server CPU % | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        dup = "n/a" if r["duplicates"] is None else r["duplicates"]
+        print(f"| {r['mix']} | {r['kind']} | {r['concurrency']} | {r['done']} | {r['failed']} | {dup} | {r['requests']} | "
+              f"{r['wall_s']} | {r['prompts_per_s']} | {r['efficiency']} | {r['cpu_ms_per_request']} | "
+              f"{r['server_cpu_pct']} | {r['load_avg']} |")
+
+
+def big_recipe(n: int, folder: Path) -> Path:
+    """A copy of blessing.toml whose per_cell quota gives at least n prompts (the shipped defaults stay)."""
+    text = RECIPE.read_text(encoding="utf-8")
+    active = sum(1 for c in cells(load_recipe(RECIPE)) if c.recipients and c.quota > 0)
+    per_cell = math.ceil(n / active)
+    text, k = re.subn(r"(?m)^per_cell\s*=\s*\d+", f"per_cell = {per_cell}", text, count=1)
+    assert k == 1, "per_cell not found in the recipe"
+    path = folder / "blessing-big.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def child_peak_rss_mb(args: list[str], env: dict) -> tuple[int, float, float, float]:
+    """(exit code, peak RSS MB, RSS MB half-way through, wall s) of a child, polling /proc/PID/status.
+    VmHWM, not wait4's ru_maxrss: the latter counts the forked parent's (this benchmark's) size before exec."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    samples: list[tuple[float, int, int]] = []  # (t, VmRSS kB, VmHWM kB)
+    while p.poll() is None:
         try:
-            for conc in a.concurrency:
-                for kind in a.kinds:
-                    r = measure(kind, url, plan, conc, a.latency)
-                    r["mix"] = mix
-                    rows.append(r)
-                    print(json.dumps(r), flush=True)
+            status = Path(f"/proc/{p.pid}/status").read_text()
+            kb = {k: int(v.split()[0]) for k, v in (ln.split(":", 1) for ln in status.splitlines())
+                  if k in ("VmRSS", "VmHWM")}
+            if len(kb) == 2:
+                samples.append((time.perf_counter() - t0, kb["VmRSS"], kb["VmHWM"]))
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    err = p.stderr.read().decode(errors="replace")
+    if p.returncode:
+        print(err[-2000:], file=sys.stderr)
+    peak = max((h for _, _, h in samples), default=0)
+    mid = next((r for t, r, _ in samples if t >= wall / 2), 0)
+    return p.returncode, peak / 1024, mid / 1024, wall
+
+
+def rss(sizes: list[int], concurrency: int) -> None:
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        server, url = start_server(0.0, {})
+        try:
+            for n in sizes:
+                recipe = big_recipe(n, Path(d))
+                env = dict(os.environ, OPENAI_API_KEY="bench", OPENAI_BASE_URL=url, PYTHONPATH=str(ROOT))
+                base = [sys.executable, "-m", "synth"]
+                code, mb, mid, wall = child_peak_rss_mb(base + ["plan", "--recipe", str(recipe), "--limit", str(n),
+                                                                "--show", "0", "--json"], env)
+                rows.append({"command": "synth plan", "prompts": n, "exit": code, "peak_rss_mb": round(mb, 1),
+                             "half_way_rss_mb": round(mid, 1), "wall_s": round(wall, 1)})
+                print(json.dumps(rows[-1]), flush=True)
+                out = Path(d) / f"run-{n}"
+                # the run, then the same command again: a resume that finds every prompt done (reads all records)
+                for label in ("synth run", "synth run (resume, all done)"):
+                    code, mb, mid, wall = child_peak_rss_mb(base + ["run", "--recipe", str(recipe), "--limit", str(n),
+                                                                    "--out", str(out), "--concurrency",
+                                                                    str(concurrency)], env)
+                    with open(out / "samples.jsonl", "rb") as f:
+                        lines = sum(1 for _ in f)
+                    rows.append({"command": label, "prompts": n, "exit": code, "records": lines,
+                                 "peak_rss_mb": round(mb, 1), "half_way_rss_mb": round(mid, 1),
+                                 "wall_s": round(wall, 1)})
+                    print(json.dumps(rows[-1]), flush=True)
         finally:
             server.terminate()
             server.wait(10)
-    print("| mix | client | conc | done | lost/failed | requests | wall s | prompts/s | ÷ bound | CPU ms/req |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| command | prompts | exit | records | peak RSS MB | RSS half-way MB | wall s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mix']} | {r['kind']} | {r['concurrency']} | {r['done']} | {r['failed']} | "
-              f"{r['requests'] if r['requests'] is not None else 'n/a'} | {r['wall_s']} | {r['prompts_per_s']} | "
-              f"{r['efficiency']} | {r['cpu_ms_per_request']} |")
+        print(f"| {r['command']} | {r['prompts']} | {r['exit']} | {r.get('records', '')} | {r['peak_rss_mb']} | "
+              f"{r['half_way_rss_mb']} | {r['wall_s']} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", type=int, default=2000)
+    ap.add_argument("--latency", type=float, default=0.2)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[16, 64, 256])
+    ap.add_argument("--kinds", nargs="+", default=["engine", "engine-sdk", "plain"],
+                    choices=["engine", "engine-sdk", "plain"])
+    ap.add_argument("--mixes", nargs="+", default=["clean", "faults"], choices=["clean", "faults"])
+    ap.add_argument("--rss", type=int, nargs="+", metavar="N", help="instead: peak RSS of plan and run over N prompts")
+    a = ap.parse_args()
+    if a.rss:
+        rss(a.rss, max(a.concurrency))
+    else:
+        throughput(a)
 
 
 if __name__ == "__main__":

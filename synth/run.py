@@ -1,11 +1,17 @@
 """`python -m synth run`: ask the teacher for every planned prompt, crash-safe, within rate and budget limits.
 
 Design (see /work/shared/notes/teacher-client.md for the measurements behind it):
-- N workers pull lazily from the plan iterator (never one task per prompt), so a 1M-prompt plan costs no memory.
+- 2×concurrency workers pull lazily from the plan iterator (never one task per prompt), so a 1M-prompt plan
+  costs no memory; a shared gate keeps at most `concurrency` requests in flight.
 - Every HTTP attempt passes a shared AIMD concurrency gate and shared RPM/TPM token buckets; a burst of 429s
-  halves the gate for everyone, which is what stops a Retry-After stampede. Back-off sleeps happen outside the gate.
-- samples.jsonl is appended + fsynced per record; on start a torn last line is truncated and finished prompt ids
-  are skipped, so kill -9 at any point loses at most in-flight work and never duplicates a record.
+  halves the gate and holds everyone for the Retry-After once (the shared back-off), which is what stops a
+  Retry-After stampede; a prompt's own first 429 only gets the short back-off, a second one the full Retry-After.
+  Back-off sleeps happen outside the gate.
+- samples.jsonl gets each record written and flushed as it arrives (fsync batched in a background thread, see
+  Store); on start a torn last line is truncated and finished prompt ids are skipped, so kill -9 at any point
+  loses at most in-flight work and never duplicates a record.
+- The HTTP call itself lives in synth/transport.py: a lean aiohttp client by default, the openai SDK with
+  `--transport sdk` (numbers in docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -21,11 +27,18 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TextIO
+
+from tenacity import AsyncRetrying, RetryError, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from distillery.record import RecordError, dumps, validate
+
+from . import progress
+from .progress import Snapshot
+from .transport import DEFAULT_BASE_URL, TRANSPORTS, Final, KeyRefused, Reply, Retryable, Transport, make_transport
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_ARGS, EXIT_AUTH, EXIT_LOCKED, EXIT_BUDGET, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
 
@@ -37,7 +50,9 @@ EPILOG = """exit codes:
   4    another run holds the lock on --out
   5    a budget cap (--max-requests / --max-tokens-budget / --max-cost) was reached; rerun to continue
   130  interrupted (SIGINT/SIGTERM); files are valid, rerun to continue
-environment: OPENAI_API_KEY (or --api-key-file), OPENAI_BASE_URL (or --base-url)."""
+environment: OPENAI_API_KEY (or --api-key-file), OPENAI_BASE_URL (or --base-url).
+durability: every record is flushed as it arrives (a crash or kill -9 loses nothing received) and fsynced at
+most 0.1 s later (a power cut loses at most that, and those prompts are asked again by the next run)."""
 
 
 class RunError(Exception):
@@ -81,7 +96,8 @@ class RunConfig:
     price_output_per_mtok: float = 0.0
     recipe_name: str = ""
     recipe_hash: str = ""
-    progress_interval: float = 2.0
+    progress_interval: float = 2.0  # seconds between plain progress lines when stdout is not a terminal
+    transport: str = "aiohttp"
     unreachable_after: int = 3  # prompts in a row lost to connection errors, with no success yet, mean "down"
 
     def redact(self, text: str) -> str:
@@ -91,7 +107,14 @@ class RunConfig:
 # ---------------------------------------------------------------------------------------------- store
 
 class Store:
-    """The --out folder: lock, samples.jsonl (append+fsync per record), failures.jsonl, summary.json."""
+    """The --out folder: lock, samples.jsonl, failures.jsonl, summary.json.
+
+    Durability (group commit): every record is written and flushed to the kernel as soon as it arrives, so a
+    process crash or kill -9 loses nothing received; a background thread fsyncs at most every SYNC_EVERY seconds
+    and at close, so a power loss loses at most the last ~0.1 s of records (their prompts are asked again).
+    fsync per record in the event loop cost ~0.6 ms of a 200 ms request cycle and stalled every other request.
+    """
+    SYNC_EVERY = 0.1
 
     def __init__(self, out: Path):
         self.out = out
@@ -103,41 +126,51 @@ class Store:
             os.close(self._lock_fd)
             raise LockedError(out) from None
         self.done: set[str] = self._recover(out / "samples.jsonl")
-        self.previous_failures = self._read_failures(out / "failures.jsonl")
         self._samples = open(out / "samples.jsonl", "ab")
         # Failures are rewritten per run: whatever failed before is retried now and re-listed if it fails again.
         self._failures = open(out / "failures.jsonl", "wb")
+        self._dirty = False
+        self._closing = threading.Event()
+        self._syncer = threading.Thread(target=self._sync_loop, name="synth-fsync", daemon=True)
+        self._syncer.start()
 
     @staticmethod
     def _recover(path: Path) -> set[str]:
+        """Prompt ids already answered; a torn last line (crash mid-write) is cut, its prompt is simply asked again.
+        Streams the file: resuming a 100k-record run must not load it whole."""
         done: set[str] = set()
         if not path.exists():
             return done
+        good_end = 0
         with open(path, "r+b") as f:
-            data = f.read()
-            end = data.rfind(b"\n") + 1
-            if end < len(data):  # torn last line from a crash: cut it, its prompt is simply asked again
-                f.truncate(end)
-                f.flush()
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break
+                good_end += len(line)
+                try:
+                    done.add(json.loads(line)["meta"]["prompt_id"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+            if good_end < os.fstat(f.fileno()).st_size:
+                f.truncate(good_end)
                 os.fsync(f.fileno())
-        for line in data[:end].splitlines():
-            try:
-                rec = json.loads(line)
-                done.add(rec["meta"]["prompt_id"])
-            except (ValueError, KeyError, TypeError):
-                continue
         return done
 
-    @staticmethod
-    def _read_failures(path: Path) -> int:
-        if not path.exists():
-            return 0
-        return sum(1 for line in path.read_bytes().splitlines() if line.strip())
+    def _sync_loop(self) -> None:
+        while not self._closing.wait(self.SYNC_EVERY):
+            if self._dirty:
+                self._dirty = False
+                self._fsync()
 
-    def _append(self, f, obj_line: str) -> None:
-        f.write(obj_line.encode("utf-8") + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
+    def _fsync(self) -> None:
+        for f in (self._samples, self._failures):
+            with contextlib.suppress(OSError, ValueError):
+                os.fsync(f.fileno())
+
+    def _append(self, f, line: str) -> None:
+        f.write(line.encode("utf-8") + b"\n")
+        f.flush()  # in the kernel now: survives kill -9
+        self._dirty = True
 
     def write_records(self, records: list[dict]) -> None:
         for rec in records:
@@ -153,6 +186,9 @@ class Store:
         os.replace(tmp, self.out / "summary.json")
 
     def close(self) -> None:
+        self._closing.set()
+        self._syncer.join()
+        self._fsync()
         for f in (self._samples, self._failures):
             with contextlib.suppress(Exception):
                 f.close()
@@ -189,8 +225,14 @@ class TokenBucket:
 
 
 class AIMDGate:
-    """Adaptive concurrency. Halve on a *burst* of 429s (>= 3 and >= 25% of the responses of the last second, at
-    most once per `cooldown`): a lone random 429 must not make the run crawl. +1 after each `streak` successes."""
+    """Adaptive concurrency shared by every request (the shared back-off).
+
+    On a *burst* of push-back (429s, 5xx, timeouts, lost connections: >= 3 and >= 25% of the responses of the
+    last second, at most once per `cooldown`) the limit halves and new requests hold off for the server's
+    Retry-After (default 1 s), once, for everyone. A lone random 429 or 500 only delays its own prompt, so
+    occasional faults do not make the run crawl, while an overloaded or failing server is not hammered and an
+    outage does not drain the whole plan into failures.jsonl. +1 after each `streak` successes.
+    A FIFO of futures instead of an asyncio.Condition: a release wakes exactly one waiter, not all of them."""
 
     def __init__(self, limit: int, cooldown: float = 1.0, streak: int = 4, window: float = 1.0):
         self.max = limit
@@ -201,35 +243,66 @@ class AIMDGate:
         self.window = window
         self._streak = 0
         self._last_cut = 0.0
+        self._resume_at = 0.0
         self._recent: collections.deque[tuple[float, bool]] = collections.deque()
-        self._recent_429 = 0
-        self._cond = asyncio.Condition()
+        self._recent_bad = 0
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+
+    async def acquire(self, retry: bool = False) -> None:
+        """Wait for a request slot. A retry goes to the front of the queue: finishing started prompts first keeps
+        the run's tail short (a retry queued behind a full wave of fresh prompts lost a whole latency)."""
+        pause = self._resume_at - time.monotonic()
+        if pause > 0:  # the server asked everyone to back off
+            await asyncio.sleep(pause)
+        if self.in_flight < int(self.limit) and not self._waiters:
+            self.in_flight += 1
+            return
+        fut = asyncio.get_running_loop().create_future()
+        if retry:
+            self._waiters.appendleft(fut)
+        else:
+            self._waiters.append(fut)
+        self._wake()  # grants at once if only cancelled waiters were ahead of us
+        try:
+            await fut  # the releaser counted us in (hand-off)
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # granted, then cancelled before running: give the slot back
+                self.release()
+            raise
 
     async def __aenter__(self):
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.in_flight < int(self.limit))
-            self.in_flight += 1
+        await self.acquire()
 
     async def __aexit__(self, *exc):
-        async with self._cond:
-            self.in_flight -= 1
-            self._cond.notify_all()
+        self.release()
 
-    def _note(self, throttled: bool) -> None:
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.in_flight < int(self.limit):
+            fut = self._waiters.popleft()
+            if not fut.done():  # a cancelled waiter left its future behind
+                self.in_flight += 1
+                fut.set_result(None)
+
+    def _note(self, bad: bool) -> None:
         now = time.monotonic()
-        self._recent.append((now, throttled))
-        self._recent_429 += throttled
+        self._recent.append((now, bad))
+        self._recent_bad += bad
         while self._recent and self._recent[0][0] < now - self.window:
-            self._recent_429 -= self._recent.popleft()[1]
+            self._recent_bad -= self._recent.popleft()[1]
 
-    def throttled(self) -> None:
+    def pushed_back(self, retry_after: float | None = None) -> None:
         self._note(True)
         self._streak = 0
         now = time.monotonic()
-        burst = self._recent_429 >= 3 and self._recent_429 >= 0.25 * len(self._recent)
+        burst = self._recent_bad >= 3 and self._recent_bad >= 0.25 * len(self._recent)
         if burst and now - self._last_cut >= self.cooldown:
             self._last_cut = now
             self.limit = max(1.0, self.limit / 2)
+            self._resume_at = max(self._resume_at, now + min(retry_after if retry_after is not None else 1.0, 60.0))
 
     def succeeded(self) -> None:
         self._note(False)
@@ -239,26 +312,8 @@ class AIMDGate:
             self.limit = min(float(self.max), self.limit + 1)
             self._wake()
 
-    def _wake(self) -> None:
-        async def _notify():
-            async with self._cond:
-                self._cond.notify_all()
-        asyncio.ensure_future(_notify())
-
 
 # ---------------------------------------------------------------------------------------------- engine
-
-class _Retryable(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None, connection: bool = False):
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
-        self.connection = connection
-
-
-class _Final(Exception):
-    """Not worth retrying (e.g. 400): the prompt is recorded as failed."""
-
 
 class _Stop(Exception):
     """Budget reached or run stopping: leave the prompt unrecorded so the next run asks again."""
@@ -274,30 +329,34 @@ class Stats:
     completion_tokens: int = 0
     cost: float = 0.0
     retries: int = 0
+    retrying: int = 0
     throttled: int = 0
 
 
-def _retry_after(exc) -> float | None:
-    resp = getattr(exc, "response", None)
-    if resp is None:
-        return None
-    h = resp.headers
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        v = h.get(name)
-        if v:
-            try:
-                return max(0.0, float(v) * scale)
-            except ValueError:
-                continue
-    return None
+def _retry_wait(retry_state) -> float:
+    """Retry-After when the server gave one (plus up to ~10% jitter, so the retries of one burst do not land
+    together; the shared gate does the rest), else exponential back-off with jitter."""
+    exc = retry_state.outcome.exception()
+    ra = getattr(exc, "retry_after", None)
+    if ra is not None:
+        return ra + random.uniform(0, 0.05 + ra * 0.1)
+    return _EXP_JITTER(retry_state)
+
+
+# 0.1 s, 0.2 s, 0.4 s, … (max 10 s) plus up to 0.1 s of jitter (the AWS SDKs' base delay): a dropped connection or
+# a cut body is usually a one-off, and a server in real trouble is slowed down for everyone by the gate instead.
+_EXP_JITTER = wait_exponential_jitter(multiplier=0.1, max=10.0, jitter=0.1)
 
 
 class Engine:
-    def __init__(self, cfg: RunConfig, store: Store, client=None, say: Callable[[str], None] | None = None):
+    def __init__(self, cfg: RunConfig, store: Store, transport: Transport, say: Callable[[str], None] | None = None,
+                 total: int | None = None, progress_out: TextIO | None = None):
         self.cfg = cfg
         self.store = store
-        self.client = client
+        self.transport = transport
         self.say = say or (lambda s: print(cfg.redact(s), file=sys.stderr, flush=True))
+        self.total = total
+        self.progress_out = progress_out
         self.stats = Stats()
         self.gate = AIMDGate(cfg.concurrency)
         self.rpm = TokenBucket(cfg.rpm) if cfg.rpm else None
@@ -306,6 +365,12 @@ class Engine:
         self.stop_message = ""
         self._conn_lost_in_a_row = 0
         self._ever_ok = False
+        self._teacher = {"model": cfg.model, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                         "max_tokens": cfg.max_tokens, "n": cfg.n}
+        self._provenance = {"source": "teacher", "run": cfg.out.name}
+        # the policy is built once; each prompt gets a cheap copy() (tenacity keeps per-call state on the object)
+        self._retrying = AsyncRetrying(stop=stop_after_attempt(cfg.max_attempts), wait=_retry_wait,
+                                       retry=retry_if_exception_type(Retryable), reraise=True)
         self.t0 = time.monotonic()
 
     # -- budget
@@ -325,14 +390,14 @@ class Engine:
             self.stop_message = message
 
     # -- one HTTP attempt
-    async def _attempt(self, prompt) -> tuple[Any, float]:
-        import openai
-        est = sum(len(str(m.get("content", ""))) for m in prompt.messages) + (self.cfg.max_tokens or 256) * self.cfg.n
-        async with self.gate:
+    async def _attempt(self, prompt, retry: bool) -> tuple[Reply, float]:
+        await self.gate.acquire(retry)
+        try:
             if self.rpm:
                 await self.rpm.take()
             if self.tpm:
-                await self.tpm.take(est)
+                chars = sum(len(str(m.get("content", ""))) for m in prompt.messages)
+                await self.tpm.take(chars + (self.cfg.max_tokens or 256) * self.cfg.n)
             if self.stopping:
                 raise _Stop(self.stopping)
             hit = self._budget_hit()
@@ -340,79 +405,69 @@ class Engine:
                 self._stop("budget", hit)
                 raise _Stop("budget")
             self.stats.requests += 1
-            kw: dict[str, Any] = {"model": self.cfg.model, "messages": prompt.messages}
-            for k in ("temperature", "top_p", "max_tokens"):
-                if getattr(self.cfg, k) is not None:
-                    kw[k] = getattr(self.cfg, k)
-            if self.cfg.n != 1:
-                kw["n"] = self.cfg.n
-            kw["extra_headers"] = {"X-Prompt-Id": prompt.id}  # lets a server or proxy trace retries per prompt
             t = time.monotonic()
             try:
-                resp = await self.client.chat.completions.create(**kw)
-            except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
-                self._stop("auth", f"teacher refused the API key (HTTP {e.status_code}); check OPENAI_API_KEY "
+                reply = await self.transport.complete(prompt.messages, prompt.id)
+            except KeyRefused as e:
+                self._stop("auth", f"teacher refused the API key (HTTP {e.status}); check OPENAI_API_KEY "
                                    f"/ --api-key-file")
                 raise _Stop("auth") from None
-            except openai.RateLimitError as e:
-                self.stats.throttled += 1
-                self.gate.throttled()
-                raise _Retryable("HTTP 429 rate limited", _retry_after(e)) from None
-            except openai.APITimeoutError:
-                raise _Retryable(f"timeout after {self.cfg.timeout:g} s") from None
-            except openai.APIConnectionError:
-                raise _Retryable("connection error", connection=True) from None
-            except openai.APIStatusError as e:
-                if e.status_code >= 500 or e.status_code in (408, 409):
-                    raise _Retryable(f"HTTP {e.status_code}", _retry_after(e)) from None
-                raise _Final(f"HTTP {e.status_code}") from None
-            except ValueError as e:  # malformed body: json.JSONDecodeError / UnicodeDecodeError, not APIError
-                raise _Retryable(f"malformed response ({type(e).__name__})") from None
-            latency = time.monotonic() - t
-        return resp, latency
+            except Retryable as e:
+                self.stats.throttled += e.throttled
+                if e.overloaded:
+                    self.gate.pushed_back(e.retry_after)
+                raise
+            return reply, time.monotonic() - t
+        finally:
+            self.gate.release()
 
-    def _account(self, resp) -> None:
-        u = getattr(resp, "usage", None)
-        pt = int(getattr(u, "prompt_tokens", 0) or 0) if u else 0
-        ct = int(getattr(u, "completion_tokens", 0) or 0) if u else 0
+    def _account(self, reply: Reply) -> None:
+        pt, ct = int(reply.prompt_tokens or 0), int(reply.completion_tokens or 0)
         self.stats.prompt_tokens += pt
         self.stats.completion_tokens += ct
         self.stats.cost += (pt * self.cfg.price_input_per_mtok + ct * self.cfg.price_output_per_mtok) / 1e6
 
-    def _wait(self, retry_state) -> float:
-        from tenacity import wait_exponential_jitter
-        exc = retry_state.outcome.exception()
-        ra = getattr(exc, "retry_after", None)
-        if ra is not None:  # honour Retry-After, plus jitter so the retries of one burst do not land together
-            return ra + random.uniform(0, max(0.05, ra * 0.5))
-        return wait_exponential_jitter(multiplier=0.2, max=10.0, jitter=0.5)(retry_state)
-
     async def _ask(self, prompt) -> None:
-        from tenacity import AsyncRetrying, RetryError, retry_if_exception_type, stop_after_attempt
-        attempts = 0
+        attempts = throttles = 0
         try:
-            async for attempt in AsyncRetrying(stop=stop_after_attempt(self.cfg.max_attempts), wait=self._wait,
-                                               retry=retry_if_exception_type(_Retryable), reraise=True):
+            async for attempt in self._retrying.copy():
                 with attempt:
                     attempts += 1
                     if attempts > 1:
                         self.stats.retries += 1
-                    resp, latency = await self._attempt(prompt)
-                    self._account(resp)
-                    records = self._records(prompt, resp, latency, attempts)  # raises _Retryable on bad choices
-        except _Retryable as e:
+                        if attempts == 2:
+                            self.stats.retrying += 1
+                    try:
+                        reply, latency = await self._attempt(prompt, attempts > 1)
+                    except Retryable as e:
+                        throttles += e.throttled
+                        if throttles == 1 and e.throttled:
+                            # Retry-After is a server-wide signal, honoured by the shared gate when 429s come in
+                            # a burst. A prompt's first 429 alone is likely luck: it retries after the short
+                            # back-off; a second one for the same prompt waits the full Retry-After.
+                            e.retry_after = None
+                        raise
+                    self._account(reply)
+                    records = self._records(prompt, reply, latency, attempts)  # raises Retryable on bad choices
+        except Retryable as e:
             self._fail(prompt, e.reason, attempts)
             if e.connection and not self._ever_ok:
                 self._conn_lost_in_a_row += 1
                 if self._conn_lost_in_a_row >= self.cfg.unreachable_after:
-                    self._stop("unreachable", f"cannot reach the teacher at {self.cfg.base_url or 'default URL'} "
+                    self._stop("unreachable", f"cannot reach the teacher at {self.cfg.base_url or DEFAULT_BASE_URL} "
                                               f"({attempts} attempts each for {self._conn_lost_in_a_row} prompts)")
             return
-        except _Final as e:
+        except Final as e:
             self._fail(prompt, str(e), attempts)
             return
         except (_Stop, RetryError):
             return
+        except Exception as e:  # noqa: BLE001 - a bug or an odd reply must cost one prompt, not a silent worker
+            self._fail(prompt, f"unexpected {type(e).__name__}: {e}", attempts)
+            return
+        finally:
+            if attempts > 1:
+                self.stats.retrying -= 1
         self._ever_ok = True
         self._conn_lost_in_a_row = 0
         self.gate.succeeded()
@@ -423,38 +478,28 @@ class Engine:
         self.store.write_failure(prompt.id, self.cfg.redact(reason), attempts)
         self.stats.failed += 1
 
-    def _records(self, prompt, resp, latency: float, attempts: int) -> list[dict]:
-        choices = list(getattr(resp, "choices", None) or [])
-        if not choices:
-            raise _Retryable("response has no choices")
-        usage = getattr(resp, "usage", None)
+    def _records(self, prompt, reply: Reply, latency: float, attempts: int) -> list[dict]:
         created = _now_iso()
-        teacher = {"model": self.cfg.model, "temperature": self.cfg.temperature, "top_p": self.cfg.top_p,
-                   "max_tokens": self.cfg.max_tokens, "n": self.cfg.n}
+        usage = {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens}
         out = []
-        for ch in choices:
+        for ch in reply.choices:
             fr = ch.finish_reason
             if fr in ("length", "content_filter"):  # truncated or filtered text is not a sample
-                raise _Retryable(f"finish_reason={fr}")
-            text = ((ch.message.content if ch.message else None) or "").strip()
-            idx = int(getattr(ch, "index", 0) or 0)
+                raise Retryable(f"finish_reason={fr}")
             meta = dict(prompt.meta)
             meta.update({
-                "recipe": meta.get("recipe", self.cfg.recipe_name), "teacher": teacher,
-                "usage": {"prompt_tokens": getattr(usage, "prompt_tokens", None),
-                          "completion_tokens": getattr(usage, "completion_tokens", None)},
+                "recipe": meta.get("recipe", self.cfg.recipe_name), "teacher": self._teacher, "usage": usage,
                 "latency_s": round(latency, 4), "finish_reason": fr, "attempts": attempts, "created_at": created,
-                "choice_index": idx, "prompt_id": prompt.id,
-                "provenance": {"source": "teacher", "run": self.cfg.out.name},
+                "choice_index": ch.index, "prompt_id": prompt.id, "provenance": self._provenance,
             })
             if self.cfg.recipe_hash:
                 meta.setdefault("recipe_hash", self.cfg.recipe_hash)
-            rec = {"id": f"{prompt.id}-{idx}", "instruction": prompt.instruction, "input": prompt.input,
-                   "output": text, "meta": meta}
+            rec = {"id": f"{prompt.id}-{ch.index}", "instruction": prompt.instruction, "input": prompt.input,
+                   "output": (ch.content or "").strip(), "meta": meta}
             try:
                 validate(rec, require_id=True)
             except RecordError as e:
-                raise _Retryable(f"invalid sample: {e}") from None
+                raise Retryable(f"invalid sample: {e}") from None
             out.append(rec)
         return out
 
@@ -470,42 +515,32 @@ class Engine:
                 continue
             await self._ask(prompt)
 
+    def snapshot(self) -> Snapshot:
+        s = self.stats
+        return Snapshot(done=s.done, failed=s.failed, skipped=s.skipped, retrying=s.retrying, requests=s.requests,
+                        throttled=s.throttled, tokens=s.prompt_tokens + s.completion_tokens, cost=s.cost,
+                        in_flight=self.gate.in_flight, limit=int(self.gate.limit),
+                        elapsed=time.monotonic() - self.t0, total=self.total)
+
     def summary(self) -> dict:
         el = time.monotonic() - self.t0
         s = self.stats
-        return {"done": s.done, "failed": s.failed, "skipped_already_done": s.skipped, "requests": s.requests,
-                "retries": s.retries, "throttled_429": s.throttled,
+        return {"planned": self.total, "done": s.done, "failed": s.failed, "skipped_already_done": s.skipped,
+                "requests": s.requests, "retries": s.retries, "throttled_429": s.throttled,
                 "tokens": {"prompt": s.prompt_tokens, "completion": s.completion_tokens,
                            "total": s.prompt_tokens + s.completion_tokens},
                 "cost": round(s.cost, 6), "elapsed_s": round(el, 3),
                 "req_per_s": round(s.requests / el, 3) if el > 0 else 0.0,
-                "concurrency_limit_now": int(self.gate.limit), "stopped": self.stopping,
-                "stop_message": self.cfg.redact(self.stop_message)}
-
-    def _progress_line(self) -> str:
-        s = self.stats
-        el = time.monotonic() - self.t0
-        return (f"[synth] done={s.done} failed={s.failed} skipped={s.skipped} requests={s.requests} "
-                f"retries={s.retries} 429s={s.throttled} in_flight={self.gate.in_flight}/{int(self.gate.limit)} "
-                f"tokens={s.prompt_tokens + s.completion_tokens} cost={s.cost:.4f} "
-                f"req/s={s.requests / el if el else 0:.1f} elapsed={el:.1f}s")
-
-    async def _progress(self) -> None:
-        if sys.stdout.isatty():
-            from rich.live import Live
-            from rich.text import Text
-            with Live(Text(self._progress_line()), refresh_per_second=4, transient=False) as live:
-                while True:
-                    await asyncio.sleep(0.25)
-                    live.update(Text(self._progress_line()))
-        while True:
-            await asyncio.sleep(self.cfg.progress_interval)
-            print(self._progress_line(), flush=True)
+                "concurrency_limit_now": int(self.gate.limit), "transport": self.cfg.transport,
+                "stopped": self.stopping, "stop_message": self.cfg.redact(self.stop_message)}
 
     async def run(self, plan: Iterable) -> int:
         it = iter(plan)
         loop = asyncio.get_running_loop()
-        workers = [asyncio.ensure_future(self._worker(it)) for _ in range(self.cfg.concurrency)]
+        # Twice as many workers as request slots: a prompt sleeping before its next attempt (Retry-After, back-off)
+        # holds a worker but not a slot, and a standby worker fills the slot. With exactly `concurrency` workers,
+        # the fault mix's 429s (Retry-After 1 s) left a quarter of the slots idle. The gate still caps requests.
+        workers = [asyncio.ensure_future(self._worker(it)) for _ in range(2 * self.cfg.concurrency)]
         interrupted = asyncio.Event()
 
         def _on_signal() -> None:
@@ -517,11 +552,12 @@ class Engine:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, _on_signal)
-        prog = asyncio.ensure_future(self._progress())
+        prog = asyncio.ensure_future(progress.show(self.snapshot, self.progress_out, self.cfg.progress_interval))
         try:
             all_done = asyncio.ensure_future(asyncio.gather(*workers, return_exceptions=True))
-            await asyncio.wait([all_done, asyncio.ensure_future(interrupted.wait())],
-                               return_when=asyncio.FIRST_COMPLETED)
+            signalled = asyncio.ensure_future(interrupted.wait())
+            await asyncio.wait([all_done, signalled], return_when=asyncio.FIRST_COMPLETED)
+            signalled.cancel()
             if interrupted.is_set() and not all_done.done():
                 # in-flight requests get one timeout's worth of grace, then are cancelled (asked again next run)
                 await asyncio.wait([all_done], timeout=min(self.cfg.timeout, 10.0))
@@ -535,7 +571,9 @@ class Engine:
                 await prog
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
-        print(self._progress_line(), flush=True)
+        out = self.progress_out or sys.stdout
+        if not out.isatty():
+            print(progress.plain_line(self.snapshot()), file=out, flush=True)
         if self.stopping == "auth":
             return EXIT_AUTH
         if self.stopping == "interrupted":
@@ -547,31 +585,24 @@ class Engine:
         return EXIT_OK
 
 
-def make_client(cfg: RunConfig):
-    """AsyncOpenAI with its own retries off (we retry with a shared limiter) on the cheaper aiohttp transport."""
-    import openai
-    try:
-        import aiohttp
-        http = openai.DefaultAioHttpClient(
-            connector=aiohttp.TCPConnector(limit=cfg.concurrency + 8, limit_per_host=cfg.concurrency + 8))
-    except Exception:  # noqa: BLE001 - the extra is optional; the default httpx2 transport still works
-        http = None
-    kw: dict[str, Any] = {"api_key": cfg.api_key, "max_retries": 0, "timeout": cfg.timeout}
-    if cfg.base_url:
-        kw["base_url"] = cfg.base_url
-    if http is not None:
-        kw["http_client"] = http
-    return openai.AsyncOpenAI(**kw)
+def make_engine_transport(cfg: RunConfig) -> Transport:
+    """The configured transport; call inside the running event loop."""
+    params: dict[str, Any] = {k: getattr(cfg, k) for k in ("temperature", "top_p", "max_tokens")
+                              if getattr(cfg, k) is not None}
+    if cfg.n != 1:
+        params["n"] = cfg.n
+    return make_transport(cfg.transport, cfg.base_url, cfg.api_key, cfg.timeout, cfg.concurrency, cfg.model, params)
 
 
-async def run_async(cfg: RunConfig, plan: Iterable, store: Store) -> tuple[int, dict]:
-    client = make_client(cfg)
-    eng = Engine(cfg, store, client)
+async def run_async(cfg: RunConfig, plan: Iterable, store: Store, total: int | None = None,
+                    progress_out: TextIO | None = None) -> tuple[int, dict]:
+    transport = make_engine_transport(cfg)
+    eng = Engine(cfg, store, transport, total=total, progress_out=progress_out)
     try:
         code = await eng.run(plan)
     finally:
         with contextlib.suppress(Exception):
-            await client.close()
+            await transport.close()
     summary = eng.summary()
     summary["exit_code"] = code
     store.write_summary(summary)
@@ -583,11 +614,11 @@ async def run_async(cfg: RunConfig, plan: Iterable, store: Store) -> tuple[int, 
     return code, summary
 
 
-def run(cfg: RunConfig, plan: Iterable) -> int:
+def run(cfg: RunConfig, plan: Iterable, total: int | None = None) -> int:
     """Run the plan into cfg.out; returns the exit code. Raises LockedError if the folder is in use."""
     store = Store(cfg.out)
     try:
-        code, _ = asyncio.run(run_async(cfg, plan, store))
+        code, _ = asyncio.run(run_async(cfg, plan, store, total))
         return code
     finally:
         store.close()
@@ -603,7 +634,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                "rerunning into the same folder resumes")
     p.add_argument("--model", help="teacher model (default: the recipe's teacher.model)")
     p.add_argument("--concurrency", type=int, default=64, help="max requests in flight (default 64; lowered "
-                                                               "automatically on bursts of 429)")
+                                                               "automatically on bursts of 429, 5xx or timeouts)")
     p.add_argument("--limit", type=int, help="only the first N planned prompts")
     p.add_argument("--seed", type=int, default=None, help="plan seed (default: the recipe's sampling.seed, as `synth plan` uses)")
     p.add_argument("--rpm", type=float, help="requests per minute cap (client-side token bucket)")
@@ -616,6 +647,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                                "as failed (default 6)")
     p.add_argument("--api-key-file", help="file holding the API key (default: $OPENAI_API_KEY)")
     p.add_argument("--base-url", help="teacher base URL, e.g. http://127.0.0.1:8000/v1 (default: $OPENAI_BASE_URL)")
+    p.add_argument("--transport", choices=TRANSPORTS, default="aiohttp",
+                   help="aiohttp (default): a lean built-in chat-completions client (~0.5 ms CPU a request in "
+                        "bench/synth_bench.py); sdk: the openai SDK's AsyncOpenAI (~1.8 ms), for servers that need "
+                        "its exact behaviour; both retry and record the same way")
+    p.add_argument("--progress-every", type=float, default=2.0, metavar="S",
+                   help="seconds between progress lines when stdout is not a terminal (default 2; a terminal "
+                        "gets a live display)")
 
 
 def _err(msg: str) -> None:
@@ -624,8 +662,9 @@ def _err(msg: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point for `python -m synth run`; returns the exit code (see EPILOG)."""
-    if args.concurrency < 1 or args.max_attempts < 1 or args.timeout <= 0 or (args.limit is not None and args.limit < 0):
-        _err("--concurrency and --max-attempts must be >= 1, --timeout > 0, --limit >= 0")
+    if (args.concurrency < 1 or args.max_attempts < 1 or args.timeout <= 0 or args.progress_every <= 0
+            or (args.limit is not None and args.limit < 0)):
+        _err("--concurrency and --max-attempts must be >= 1, --timeout and --progress-every > 0, --limit >= 0")
         return EXIT_BAD_ARGS
     key = os.environ.get("OPENAI_API_KEY", "")
     if args.api_key_file:
@@ -638,7 +677,7 @@ def main(args: argparse.Namespace) -> int:
         _err("no API key: set OPENAI_API_KEY or pass --api-key-file")
         return EXIT_BAD_ARGS
     try:
-        from synth.plan import iter_plan
+        from synth.plan import cells, iter_plan
         from synth.recipe import RecipeError, load_recipe
     except ImportError as e:
         _err(f"synth.recipe / synth.plan not available ({e})")
@@ -646,6 +685,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         recipe = load_recipe(args.recipe)
         plan = iter_plan(recipe, args.seed, args.limit)
+        total = sum(c.quota for c in cells(recipe) if c.recipients and c.quota > 0)  # for the ETA
+        if args.limit is not None:
+            total = min(total, args.limit)
     except RecipeError as e:
         _err(str(e))
         return EXIT_BAD_ARGS
@@ -661,9 +703,10 @@ def main(args: argparse.Namespace) -> int:
                     max_tokens=t.max_tokens, n=t.n or 1,
                     price_input_per_mtok=t.price_input_per_mtok or 0.0,
                     price_output_per_mtok=t.price_output_per_mtok or 0.0,
-                    recipe_name=recipe.name, recipe_hash=recipe.hash)
+                    recipe_name=recipe.name, recipe_hash=recipe.hash, transport=args.transport,
+                    progress_interval=args.progress_every)
     try:
-        return run(cfg, plan)
+        return run(cfg, plan, total)
     except RunError as e:
         _err(cfg.redact(str(e)))
         return e.code

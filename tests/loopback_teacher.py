@@ -6,7 +6,8 @@ returns what was served. Use in-process (`with LoopbackTeacher(...) as t: t.base
 `python tests/loopback_teacher.py --port 0 --latency 0.2 --fault 429=0.05 --fault 500=0.02` (prints the port).
 
 Faults: 429 (with Retry-After), 500, 503, drop (connection closed with no response), malformed (200 with a
-broken JSON body), slow (sleeps `slow_s`), length (finish_reason "length"), 401 (every request, see `auth`).
+broken JSON body), slow (sleeps `slow_s`), length (finish_reason "length"), 400 (a request the server rejects),
+401 (every request, see `api_key`). `last_request` holds the headers (lower-cased names) and JSON body of the latest chat request.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from collections import Counter
 
 from aiohttp import web
 
-FAULTS = ("429", "500", "503", "drop", "malformed", "slow", "length")
+FAULTS = ("429", "500", "503", "drop", "malformed", "slow", "length", "400")
 
 
 class LoopbackTeacher:
@@ -43,6 +44,7 @@ class LoopbackTeacher:
         self.served_ok: Counter[str] = Counter()  # successful (stop) answers per prompt key
         self.outcomes: Counter[str] = Counter()
         self.times: list[float] = []              # wall-clock arrival time of every request
+        self.last_request: dict = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -65,6 +67,8 @@ class LoopbackTeacher:
                 "outcomes": dict(self.outcomes), "times": list(self.times)}
 
     async def _stats(self, request: web.Request) -> web.Response:
+        if request.query.get("brief"):  # cheap for benchmarks: no per-prompt counters or arrival times
+            return web.json_response({"requests": self.requests, "outcomes": dict(self.outcomes)})
         return web.json_response(self.stats())
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
@@ -79,6 +83,7 @@ class LoopbackTeacher:
                 return web.json_response({"error": {"message": msg, "type": "invalid_request_error",
                                                     "code": "invalid_api_key"}}, status=401)
         body = await request.json()
+        self.last_request = {"headers": {k.lower(): v for k, v in request.headers.items()}, "body": body}
         content = str(body["messages"][-1]["content"])
         key = request.headers.get("X-Prompt-Id") or content
         k = self.seen[key]
@@ -91,6 +96,9 @@ class LoopbackTeacher:
             return web.json_response({"error": {"message": "Rate limit reached", "type": "rate_limit"}},
                                      status=429, headers={"Retry-After": f"{self.retry_after:g}",
                                                           "retry-after-ms": str(int(self.retry_after * 1000))})
+        if fault == "400":
+            return web.json_response({"error": {"message": "Invalid value for 'top_p'", "type": "invalid_request_error"}},
+                                     status=400)
         if fault in ("500", "503"):
             return web.json_response({"error": {"message": "server error"}}, status=int(fault))
         if fault == "drop":

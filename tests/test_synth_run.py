@@ -21,6 +21,7 @@ from synth.recipe import load_recipe  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "dataset" / "recipes" / "blessing.toml"
 KEY = "sk-test-DO-NOT-LEAK-7f3a91c2"
+TRANSPORTS = ["aiohttp", "sdk"]  # the fault, 401 and unreachable tests run on both
 
 
 def plan_ids(limit: int) -> list[str]:
@@ -70,11 +71,13 @@ def assert_no_key(out: Path, *texts: str, key: str = KEY) -> None:
             assert key.encode() not in f.read_bytes(), f"API key leaked into {f}"
 
 
-def test_fault_mix_every_prompt_ends_as_one_record_or_one_failure(tmp_path, monkeypatch, capfd):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_fault_mix_every_prompt_ends_as_one_record_or_one_failure(tmp_path, monkeypatch, capfd, transport):
     faults = {"429": 0.08, "500": 0.05, "503": 0.03, "drop": 0.05, "malformed": 0.05, "length": 0.05,
               "slow": 0.06}
     with LoopbackTeacher(latency=0.005, faults=faults, retry_after=0.1, slow_s=2.0) as t:
-        r = run_cli(tmp_path, 80, t.base_url, "--concurrency", "16", "--timeout", "0.5", "--max-attempts", "2")
+        r = run_cli(tmp_path, 80, t.base_url, "--concurrency", "16", "--timeout", "0.5", "--max-attempts", "2",
+                    "--transport", transport)
         stats = t.stats()
     ids = plan_ids(80)
     recs, fails = lines(tmp_path / "samples.jsonl"), lines(tmp_path / "failures.jsonl")
@@ -97,12 +100,12 @@ def test_fault_mix_every_prompt_ends_as_one_record_or_one_failure(tmp_path, monk
         assert x["meta"]["usage"]["completion_tokens"] == 20
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["done"] == len(recs) and summary["failed"] == len(fails)
-    assert summary["requests"] == stats["requests"]
+    assert summary["requests"] == stats["requests"] and summary["transport"] == transport
     assert_no_key(tmp_path, r.stdout, r.stderr)
 
     # the next run retries exactly the failed prompts and completes the set (no faults now)
     with LoopbackTeacher(latency=0.0) as t2:
-        r2 = run_inproc(monkeypatch, capfd, tmp_path, 80, t2.base_url, "--concurrency", "16")
+        r2 = run_inproc(monkeypatch, capfd, tmp_path, 80, t2.base_url, "--concurrency", "16", "--transport", transport)
         s2 = t2.stats()
     assert r2.returncode == 0, r2.stderr
     assert sorted(s2["seen"]) == sorted(fail_ids)
@@ -212,9 +215,10 @@ def test_sigint_stops_feeding_and_leaves_valid_files(tmp_path):
     assert_no_key(tmp_path, out, err)
 
 
-def test_401_stops_at_once_with_exit_3_and_never_leaks_the_key(tmp_path):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_401_stops_at_once_with_exit_3_and_never_leaks_the_key(tmp_path, transport):
     with LoopbackTeacher(latency=0.0, api_key="the-right-key") as t:
-        r = run_cli(tmp_path, 100, t.base_url, "--concurrency", "4")
+        r = run_cli(tmp_path, 100, t.base_url, "--concurrency", "4", "--transport", transport)
         served = t.stats()["requests"]
     assert r.returncode == 3
     assert served <= 4  # the in-flight ones, then nothing
@@ -249,14 +253,16 @@ def test_locked_folder_exits_4(tmp_path, monkeypatch, capfd):
     assert served == 0
 
 
-def test_unreachable_teacher_gives_up_with_a_clear_line(tmp_path, monkeypatch, capfd):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_unreachable_teacher_gives_up_with_a_clear_line(tmp_path, monkeypatch, capfd, transport):
     import socket
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens here now
     t0 = time.time()
-    r = run_inproc(monkeypatch, capfd, tmp_path, 100, f"http://127.0.0.1:{port}/v1", "--concurrency", "2", "--max-attempts", "2")
+    r = run_inproc(monkeypatch, capfd, tmp_path, 100, f"http://127.0.0.1:{port}/v1", "--concurrency", "2",
+                   "--max-attempts", "2", "--transport", transport)
     assert r.returncode == 1
     assert "cannot reach the teacher" in r.stderr
     assert time.time() - t0 < 20
@@ -279,7 +285,8 @@ def test_help_documents_exit_codes():
     assert r.returncode == 0
     for code in ("0 ", "1 ", "2 ", "3 ", "4 ", "5 ", "130"):
         assert f"\n  {code}" in r.stdout
-    for opt in ("--rpm", "--tpm", "--max-cost", "--max-tokens-budget", "--api-key-file", "--base-url"):
+    for opt in ("--rpm", "--tpm", "--max-cost", "--max-tokens-budget", "--api-key-file", "--base-url", "--transport",
+                "--progress-every"):
         assert opt in r.stdout
 
 
@@ -292,12 +299,65 @@ def test_aimd_gate_halves_on_a_burst_of_429_not_on_a_lone_one():
         g = AIMDGate(64)
         for _ in range(20):
             g.succeeded()
-        g.throttled()  # one random 429 among successes: no cut
+        g.pushed_back()  # one random 429 among successes: no cut
         assert g.limit == 64
         for _ in range(8):
-            g.throttled()  # a burst (>= 25% of the last second's responses): one halving, not eight
+            g.pushed_back()  # a burst (>= 25% of the last second's responses): one halving, not eight
         assert g.limit == 32
         for _ in range(8):
             g.succeeded()  # additive increase: +1 per 4 successes
         assert g.limit == 34
     asyncio.run(go())
+
+
+def test_aimd_gate_caps_in_flight_and_a_burst_pauses_everyone_once():
+    import asyncio
+
+    from synth.run import AIMDGate
+
+    async def go():
+        g = AIMDGate(2)
+        busy = peak = 0
+
+        async def job():
+            nonlocal busy, peak
+            async with g:
+                busy += 1
+                peak = max(peak, busy)
+                await asyncio.sleep(0.02)
+                busy -= 1
+        jobs = [asyncio.ensure_future(job()) for _ in range(6)]
+        waiter = asyncio.ensure_future(job())
+        await asyncio.sleep(0)
+        assert len(g._waiters) == 5
+        waiter.cancel()  # a cancelled waiter must not leak or steal a slot
+        await asyncio.gather(*jobs)
+        assert peak == 2 and g.in_flight == 0
+        for _ in range(3):  # a burst of 429s with Retry-After 0.3 s: new requests hold off once, for everyone
+            g.pushed_back(0.3)
+        t0 = time.monotonic()
+        await asyncio.gather(job(), job())
+        assert 0.28 <= time.monotonic() - t0 < 1.0
+        assert g.limit == 1
+    asyncio.run(go())
+
+
+def test_an_outage_slows_everyone_down_instead_of_draining_the_plan_into_failures(tmp_path):
+    # every answer is a 500: without the shared back-off, 16 slots × 3 quick attempts would fail all 400 prompts
+    # in about a second; with it, bursts halve the gate and pause everyone, so few prompts are spent.
+    with LoopbackTeacher(latency=0.01, faults={"500": 1.0}) as t:
+        p = subprocess.Popen(cmd(tmp_path, 400, "--concurrency", "16", "--max-attempts", "3"),
+                             env=env_for(t.base_url), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+        deadline = time.time() + 30
+        while t.stats()["requests"] == 0 and time.time() < deadline:  # wait out the interpreter's start-up
+            time.sleep(0.05)
+        time.sleep(2.5)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=20)
+        served = t.stats()["requests"]
+    assert p.returncode == 130, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["concurrency_limit_now"] <= 4
+    assert 0 < summary["failed"] <= 60 and served <= 3 * 60 + 16, (summary["failed"], served)
+    assert len(lines(tmp_path / "failures.jsonl")) == summary["failed"]
