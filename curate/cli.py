@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd in RELEASE_COMMANDS:
         try:
             return RELEASE_COMMANDS[args.cmd](args)
+        except BrokenPipeError:  # `curate diff ... | head`: the reader left; not bad input
+            raise
         except (ReleaseError, OSError) as e:  # OSError: e.g. an unwritable --root; still one line
             print(f"curate {args.cmd}: {e}", file=sys.stderr)
             return 2

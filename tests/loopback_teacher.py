@@ -8,6 +8,11 @@ returns what was served. Use in-process (`with LoopbackTeacher(...) as t: t.base
 Faults: 429 (with Retry-After), 500, 503, drop (connection closed with no response), malformed (200 with a
 broken JSON body), slow (sleeps `slow_s`), length (finish_reason "length"), 400 (a request the server rejects),
 401 (every request, see `api_key`). `last_request` holds the headers (lower-cased names) and JSON body of the latest chat request.
+
+Answers: by default one stock line with the prompt's digest (cheap, unique, but junk to the curator). With
+`greetings=True` (`--greetings`) it answers like a teacher: a hand-written held-out greeting that fits the prompt's
+scene, style, recipient and length cap, and with probability `defect_rate` a labelled defect from the gallery
+(dataset/reference/defects.jsonl), so a curated run has approved, doubtful and rejected samples.
 """
 from __future__ import annotations
 
@@ -15,19 +20,66 @@ import argparse
 import asyncio
 import hashlib
 import json
+import re
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 from aiohttp import web
 
 FAULTS = ("429", "500", "503", "drop", "malformed", "slow", "length", "400")
+REFERENCE = Path(__file__).resolve().parents[1] / "dataset" / "reference"
+
+
+def _unit(*parts) -> float:
+    """A deterministic number in [0, 1) from parts: same prompt, same occurrence → same choice."""
+    h = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64
+
+
+class GreetingBook:
+    """Realistic teacher answers from the held-out set (heldout-good.jsonl: written apart from blessings.jsonl, which
+    the curator dedups against, so answers are not rejected as copies of the reference corpus) and the defect
+    gallery."""
+    PROMPT_RE = re.compile(r"为(?P<recipient>[^（(]+)[（(].*?[）)]写一条(?P<scene>.+?)的祝福语")
+    CAP_RE = re.compile(r"字数小于\s*(\d+)\s*字")
+
+    def __init__(self, defect_rate: float = 0.0, seed: int = 0):
+        load = lambda name: [json.loads(line) for line in (REFERENCE / name).open(encoding="utf-8")]  # noqa: E731
+        self.good, self.bad = load("heldout-good.jsonl"), load("defects.jsonl")
+        self.relation = {r["meta"]["recipient"]: r["meta"]["relation"] for r in self.good + self.bad}
+        self.defect_rate, self.seed = defect_rate, seed
+
+    def answer(self, prompt: str, key: str, index: int) -> str:
+        m = self.PROMPT_RE.search(prompt)
+        cap = self.CAP_RE.search(prompt)
+        if not m or not cap:
+            return "祝您万事如意，心想事成！"  # not a recipe prompt: a plain, valid greeting
+        recipient, scene, cap = m["recipient"], m["scene"], int(cap[1])
+        style = "小红书" if "小红书风格" in prompt else "严肃" if "严肃风格" in prompt else "正常"
+        u = _unit(self.seed, key, index, "defect")  # salted: independent of the fault draw
+        if u < self.defect_rate:
+            pool = [r for r in self.bad if r["meta"]["scene"] == scene] or self.bad
+            return pool[int(u / self.defect_rate * len(pool))]["output"]
+        fits = [r for r in self.good if r["meta"]["scene"] == scene and r["meta"]["style"] == style
+                and r["meta"]["max_chars"] <= cap] or [r for r in self.good if r["meta"]["scene"] == scene] or self.good
+
+        def score(r: dict) -> int:  # same recipient, else same relation; same constraint sentence
+            meta = r["meta"]
+            return (4 * (meta["recipient"] == recipient) + 2 * (meta["relation"] == self.relation.get(recipient))
+                    + (bool(meta["constraint"]) and meta["constraint"] in prompt))
+        best = max(map(score, fits))
+        # the best tier and the one below (the constraint aside), so that one cell's prompts vary
+        pool = [r for r in fits if score(r) >= best - 1]
+        return pool[int(_unit(self.seed, key, index, "pick") * len(pool))]["output"]
 
 
 class LoopbackTeacher:
     def __init__(self, latency: float = 0.0, faults: dict[str, float] | None = None, seed: int = 0,
                  retry_after: float = 1.0, slow_s: float = 5.0, api_key: str | None = None,
-                 echo_key_on_401: bool = True, host: str = "127.0.0.1", port: int = 0):
+                 echo_key_on_401: bool = True, host: str = "127.0.0.1", port: int = 0, *,
+                 greetings: bool = False, defect_rate: float = 0.0):
         self.latency = latency
         self.faults = {k: float(v) for k, v in (faults or {}).items()}
         unknown = set(self.faults) - set(FAULTS)
@@ -39,6 +91,7 @@ class LoopbackTeacher:
         self.api_key = api_key  # None: accept any key; else anything else gets 401
         self.echo_key_on_401 = echo_key_on_401  # like real APIs, quote the bad key back (tests check redaction)
         self.host, self.port = host, port
+        self.book = GreetingBook(defect_rate, seed) if greetings else None
         self.requests = 0
         self.seen: Counter[str] = Counter()      # requests per prompt key
         self.served_ok: Counter[str] = Counter()  # successful (stop) answers per prompt key
@@ -111,9 +164,10 @@ class LoopbackTeacher:
         n = int(body.get("n") or 1)
         finish = "length" if fault == "length" else "stop"
         digest = hashlib.sha256(content.encode()).hexdigest()[:6]
-        choices = [{"index": i, "finish_reason": finish,
-                    "message": {"role": "assistant", "content": f"  祝您万事如意，心想事成！({digest}-{i})\n"}}
-                   for i in range(n)]
+        texts = ([self.book.answer(content, key, i) for i in range(n)] if self.book
+                 else [f"  祝您万事如意，心想事成！({digest}-{i})\n" for i in range(n)])
+        choices = [{"index": i, "finish_reason": finish, "message": {"role": "assistant", "content": text}}
+                   for i, text in enumerate(texts)]
         if finish == "stop":
             self.served_ok[key] += 1
         return web.json_response({
@@ -179,9 +233,12 @@ def main() -> None:
     ap.add_argument("--retry-after", type=float, default=1.0)
     ap.add_argument("--slow-s", type=float, default=5.0)
     ap.add_argument("--api-key")
+    ap.add_argument("--greetings", action="store_true", help="answer with fitting held-out greetings")
+    ap.add_argument("--defect-rate", type=float, default=0.0, help="with --greetings: share of gallery defects")
     a = ap.parse_args()
     faults = dict(f.split("=", 1) for f in a.fault)
-    t = LoopbackTeacher(a.latency, faults, a.seed, a.retry_after, a.slow_s, a.api_key, host=a.host, port=a.port)
+    t = LoopbackTeacher(a.latency, faults, a.seed, a.retry_after, a.slow_s, a.api_key, host=a.host, port=a.port,
+                        greetings=a.greetings, defect_rate=a.defect_rate)
 
     async def serve():
         await t.start_async()

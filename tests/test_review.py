@@ -2,7 +2,8 @@
 SDK as reviewers → pull → status; push resumed after the server is killed mid-way; the labeling page in headless
 Chromium. The first run on a fresh machine pays the install (~1-2 min) and migrations (~30 s).
 
-The tests share one server; test_push_survives_server_kill restarts it, so it stays last in this file.
+The tests share the session's server (tests/conftest.py, also used by test_e2e.py); test_push_survives_server_kill
+kills it and serves it again before it ends.
 The browser test needs Debian's chromium + chromium-driver (the README set-up installs them); it fails without them
 unless DISTILLERY_NO_BROWSER=1. DISTILLERY_UPDATE_SCREENSHOT=1 makes it refresh docs/review-labeling.png."""
 from __future__ import annotations
@@ -30,10 +31,9 @@ from curate.review.client import connect, get_project
 from curate.review.labeling import result_for
 from curate.review.pull import pull, status
 from curate.review.push import existing_ids, push
-from curate.review.server import alive, running, serve, stop
+from curate.review.server import alive, running, serve
 
 ROOT = Path(__file__).resolve().parents[1]
-LS_VENV = Path(os.environ.get("DISTILLERY_LS_VENV", Path.home() / ".cache" / "distillery" / "ls-venv"))
 PROJECT = "review test"
 GOOD = "尊敬的赵老师，元宵佳节之际，恭祝您身体健康，阖家幸福，万事顺意！"
 
@@ -50,25 +50,6 @@ def _rec(i: int, n_reasons: int) -> dict:
             "meta": {"scene": "元宵节", "style": "严肃", "recipient": "赵老师", "constraint": "", "max_chars": 50},
             "curation": {"verdict": "doubtful", "reasons": [
                 {"filter": "style", "detail": f"doubt {k}", "score": 0.5} for k in range(n_reasons)]}}
-
-
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    data = tmp_path_factory.mktemp("ls")
-    cfg = ReviewConfig(data_dir=data, port=_free_port(), venv=LS_VENV)
-    info = serve(cfg)
-    try:
-        yield cfg, info
-    finally:
-        stop(data)
-
-
-@pytest.fixture(scope="session")
-def ls(server):
-    cfg, _ = server
-    os.environ.pop("LABEL_STUDIO_URL", None)
-    os.environ.pop("LABEL_STUDIO_API_KEY", None)
-    return connect(cfg)
 
 
 def _write_doubtful(d: Path, n: int) -> list[str]:
@@ -96,7 +77,7 @@ def test_serve_is_idempotent_and_keeps_token_private(server):
     creds = cfg.data_dir / "credentials.json"
     assert stat.S_IMODE(creds.stat().st_mode) == 0o600
     pat = json.loads(creds.read_text())["pat"]
-    r = _cli("serve", "--data-dir", str(cfg.data_dir), "--port", str(cfg.port), "--venv", str(LS_VENV))
+    r = _cli("serve", "--data-dir", str(cfg.data_dir), "--port", str(cfg.port), "--venv", str(cfg.venv))
     assert r.returncode == 0, r.stderr
     assert "already running" in r.stdout and info.url in r.stdout
     assert pat not in r.stdout + r.stderr

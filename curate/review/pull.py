@@ -56,32 +56,23 @@ def _recheck(recs: list[dict]) -> list[str | None]:
     """Per edited record: None if it passes the curator, else why not. One curator pass for all of them."""
     if not recs:
         return []
-    try:
-        from curate.config import CurateConfig
-        from curate.filters import Context
-        from curate.pipeline import Summary, curate_records
-        cfg = CurateConfig()
-        if not Path(cfg.recipe).exists():   # default is relative to the repo root; make it cwd-independent
-            cfg.recipe = str(Path(__file__).resolve().parents[2] / cfg.recipe)
-        fresh = []
-        for rec in recs:
-            r = dict(rec)
-            r.pop("curation", None)
-            fresh.append(r)
-        why = {}   # keyed by object: the curator yields the records it was given, not necessarily in order
-        for r in curate_records(fresh, Context(cfg), Summary(), None):
-            cur = r["curation"]
-            why[id(r)] = None if cur["verdict"] != "rejected" else \
-                "; ".join(f"{x['filter']}: {x['detail']}" for x in cur["reasons"]) or "rejected"
-        return [why[id(r)] for r in fresh]
-    except (ImportError, OSError):   # no usable curator here: fall back to the hard rules
-        from distillery.text import char_count
-        out = []
-        for rec in recs:
-            mc = (rec.get("meta") or {}).get("max_chars")
-            n = char_count(rec["output"])
-            out.append(f"length: {n} 字 >= max_chars {mc}" if mc and n >= mc else None)
-        return out
+    from curate.config import CurateConfig
+    from curate.filters import Context
+    from curate.pipeline import Summary, curate_records
+    cfg = CurateConfig()
+    if not Path(cfg.recipe).exists():   # default is relative to the repo root; make it cwd-independent
+        cfg.recipe = str(Path(__file__).resolve().parents[2] / cfg.recipe)
+    fresh = []
+    for rec in recs:
+        r = dict(rec)
+        r.pop("curation", None)
+        fresh.append(r)
+    why = {}   # keyed by object: the curator yields the records it was given, not necessarily in order
+    for r in curate_records(fresh, Context(cfg), Summary(), None):
+        cur = r["curation"]
+        why[id(r)] = None if cur["verdict"] != "rejected" else \
+            "; ".join(f"{x['filter']}: {x['detail']}" for x in cur["reasons"]) or "rejected"
+    return [why[id(r)] for r in fresh]
 
 
 def _read(path: Path) -> list[dict]:
