@@ -7,7 +7,8 @@ prompts, and an output that is a reference blessing of the same scene × style w
 its Chinese characters replaced by others of the corpus so that dedup does not collapse everything (5% of the records
 start from a defect of the gallery instead). Then ~3% repeat an earlier output exactly (up to punctuation) and ~4%
 with one character changed (near duplicates). The whole chain runs as a subprocess; peak memory is the RSS summed over
-its process tree (the workers included), sampled every 0.25 s. `--data FILE` reuses (or writes once) the records.
+its process tree (the workers included), sampled every 0.25 s; the share of CPU busy in the second before and the load
+average are recorded, since the box may be shared. `--data FILE` reuses (or writes once) the records.
 """
 from __future__ import annotations
 
@@ -121,10 +122,24 @@ def _tree_rss_kib(root: int) -> int:
     return total
 
 
+def _cpu_busy(seconds: float = 1.0) -> float:
+    """Share of all CPUs busy over the next `seconds` (from /proc/stat), before the chain starts."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+    t0, i0 = sample()
+    time.sleep(seconds)
+    t1, i1 = sample()
+    return round(1 - (i1 - i0) / max(t1 - t0, 1), 3)
+
+
 def run_chain(data: Path, out: Path, workers: int | None) -> dict:
     cmd = [sys.executable, "-m", "curate", "run", str(data), "--out", str(out)]
     if workers is not None:
         cmd += ["--workers", str(workers)]
+    busy_before = _cpu_busy()  # the box may be shared: how busy it was just before, and the load average
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak_tree = 0
@@ -137,7 +152,8 @@ def run_chain(data: Path, out: Path, workers: int | None) -> dict:
         sys.exit(f"curate run failed ({p.returncode}): {err[-2000:]}")
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)  # max over the children waited for so far
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    return {"command": " ".join(cmd[1:]), "wall_s": round(wall, 2),
+    return {"command": " ".join(cmd[1:]), "wall_s": round(wall, 2), "cpu_busy_before": busy_before,
+            "load_avg_1min_before": load_before, "load_avg_1min_after": os.getloadavg()[0],
             "peak_rss_tree_mib": round(peak_tree / 1024, 1), "peak_rss_largest_process_mib": round(ru.ru_maxrss / 1024, 1),
             "cpu_s": round(ru.ru_utime + ru.ru_stime, 1), "counts": report["counts"], "valid": report["valid"],
             "filters": report["filters"]}

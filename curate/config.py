@@ -30,8 +30,13 @@ class CurateConfig:
         "内卷", "打call", "拿捏", "芭比Q", "暴富", "宝子", "家人们", "狠狠"])
     english_allow: list[str] = field(default_factory=list)
     near_dup_ngram: int = 2
-    near_dup_threshold: float = 0.7      # estimated Jaccard ≥ this → rejected as near duplicate
-    near_dup_doubtful: float = 0.5       # ≥ this (and below the threshold) → doubtful: a one-word variant
+    # Near duplicates (estimated Jaccard of character n-grams). Exact ones and ≥ near_dup_threshold: rejected,
+    # against every source. Below that, doubtful from a bar that depends on what the earlier text is:
+    near_dup_threshold: float = 0.7      # rejected
+    near_dup_doubtful: float = 0.5       # vs the recipe's few-shot examples: the prompt forbids copying them
+    near_dup_doubtful_others: float = 0.6  # vs earlier texts of the input, the reference corpus, earlier releases
+    near_dup_short_chars: int = 12       # texts with fewer letters/digits (~15 字): no doubtful band vs the corpus
+                                         # and releases: common short greetings overlap them by chance
     minhash_perms: int = 96
     minhash_bands: int = 24              # 4 rows a band: a pair at Jaccard 0.5 becomes a candidate ~80% of the time
     dedup_examples: bool = True          # the recipe's few-shot example sentences

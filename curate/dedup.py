@@ -14,6 +14,7 @@ Memory at 1M records: the index keeps band keys and norm hashes in open-addressi
 from __future__ import annotations
 
 import hashlib
+import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -28,7 +29,64 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 def normalise(text: str) -> str:
     """For duplicate detection: NFKC, then letters and digits only (no punctuation, whitespace or emoji)."""
+    fast = _fast_path()
+    if not fast.unsafe.search(text):
+        return text.translate(fast.table)
     return _NOT_WORD.sub("", unicodedata.normalize("NFKC", text))
+
+
+# The fast path of normalise, for text made only of "simple" characters (Chinese, ASCII, CJK and full-width
+# punctuation, emoji: nearly every greeting). It gives the same result as the slow path, because for such text
+# NFKC works character by character: if no character of NFKD(text) is a non-starter (canonical combining class
+# > 0) or a starter that composes with a preceding character, canonical reordering moves nothing and composition
+# joins nothing, so NFKC(text) = NFKD(text) = the concatenation of NFKD(c); and dropping non-letters/digits is also
+# per character. So normalise(text) = text.translate(c → normalise(c)). Checked against every corpus text and every
+# simple character in tests/test_curate.py.
+_FAST_RANGES = ((0x20, 0x7E), (0xA0, 0xFF), (0x2000, 0x206F), (0x2100, 0x2BFF), (0x3000, 0x303F), (0x4E00, 0x9FFF),
+                (0xFE00, 0xFE0F), (0xFE30, 0xFE4F), (0xFF00, 0xFFEF), (0x1F000, 0x1FAFF))
+# Starters (combining class 0) that are the second character of a canonical composition (Indic length marks and
+# vowel signs, conjoining Hangul vowels and trailing consonants); tests/test_curate.py re-derives this from the
+# Unicode database.
+COMPOSING_STARTERS = frozenset(
+    [0x9BE, 0x9D7, 0xB3E, 0xB56, 0xB57, 0xBBE, 0xBD7, 0xCC2, 0xCD5, 0xCD6, 0xD3E, 0xD57, 0xDCF, 0xDDF, 0xFB5, 0xFB7,
+     0x102E, 0x1B35, 0x11127, 0x1133E, 0x11357, 0x114B0, 0x114BA, 0x114BD, 0x115AF, 0x11930]
+    + list(range(0x1161, 0x1176)) + list(range(0x11A8, 0x11C3)))
+
+
+@dataclass(frozen=True)
+class _Fast:
+    table: dict     # code point → its normalise() where that differs from itself (None: dropped)
+    unsafe: re.Pattern  # matches any character outside the simple set (stdlib re: ~20x faster on a big class)
+
+
+def is_simple(ch: str) -> bool:
+    """Every character of NFKD(ch) is a starter that composes with nothing before it."""
+    return all(unicodedata.combining(x) == 0 and ord(x) not in COMPOSING_STARTERS
+               for x in unicodedata.normalize("NFKD", ch))
+
+
+_FAST: Optional[_Fast] = None
+
+
+def _fast_path() -> _Fast:
+    global _FAST
+    if _FAST is None:  # built on first use (~30 ms), not at import
+        table, spans = {}, []
+        for lo, hi in _FAST_RANGES:
+            for cp in range(lo, hi + 1):
+                ch = chr(cp)
+                if not is_simple(ch):
+                    continue
+                out = _NOT_WORD.sub("", unicodedata.normalize("NFKD", ch))
+                if out != ch:
+                    table[cp] = out or None
+                if spans and spans[-1][1] == cp - 1:
+                    spans[-1][1] = cp
+                else:
+                    spans.append([cp, cp])
+        cls = "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in spans)
+        _FAST = _Fast(table, re.compile(f"[^{cls}]"))
+    return _FAST
 
 
 def _norm_hash(norm: str) -> int:
@@ -43,6 +101,7 @@ class Prepared:
 
     has_norm: np.ndarray   # bool[B]: the normalised text is not empty
     norm_hash: np.ndarray  # uint64[B]
+    nlen: np.ndarray       # int32[B]: characters of the normalised text (letters and digits)
     row: np.ndarray        # int64[B]: row in sig/keys, −1 if too short for a signature
     sig: np.ndarray        # uint32[K, perms]
     keys: np.ndarray       # uint64[K, bands]: one LSH key per band, band number mixed in
@@ -72,7 +131,8 @@ class MinHasher:
             rows.append(np.where(q.row >= 0, q.row + k, -1))
             k += len(q.sig)
         return Prepared(np.concatenate([q.has_norm for q in parts]), np.concatenate([q.norm_hash for q in parts]),
-                        np.concatenate(rows), np.concatenate([q.sig for q in parts]),
+                        np.concatenate([q.nlen for q in parts]), np.concatenate(rows),
+                        np.concatenate([q.sig for q in parts]),
                         np.concatenate([q.keys for q in parts]))
 
     BATCH = 1024  # texts hashed in one numpy pass: bounds the (perms × n-grams) temporary (~25 MB)
@@ -89,7 +149,7 @@ class MinHasher:
         k = int(ok.sum())
         row[ok] = np.arange(k)
         if not k:
-            return Prepared(has_norm, norm_hash, row, np.zeros((0, self.perms), np.uint32),
+            return Prepared(has_norm, norm_hash, lens.astype(np.int32), row, np.zeros((0, self.perms), np.uint32),
                             np.zeros((0, self.bands), np.uint64))
         # An n-gram of code points packed into one integer (21 bits per char), then multiply-shift hashed.
         codes = np.frombuffer("".join(norms).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
@@ -103,21 +163,22 @@ class MinHasher:
         valid = ((pos <= (lens - n)[owner]) & ok[owner])[: total - n + 1]  # drop grams that cross two texts
         gv = g[valid]
         # (perms × grams), in place; wraps mod 2^64 by design. The grams of one text are contiguous along a row,
-        # so the min per text is a reduceat along rows (much faster than down columns), on uint32.
+        # so the min per text is a reduceat along rows (much faster than down columns). The hash is the high 32
+        # bits; x → x >> 32 is monotone, so the min is taken first and shifted after (no pass over the big array).
         h = np.multiply(self.a[:, None], gv[None, :])
         h += self.b[:, None]
-        h >>= np.uint64(32)
         starts = np.cumsum(cnt[ok]) - cnt[ok]
-        sig = np.ascontiguousarray(np.minimum.reduceat(h.astype(np.uint32), starts, axis=1).T)  # (texts, perms)
+        low = np.minimum.reduceat(h, starts, axis=1) >> np.uint64(32)
+        sig = np.ascontiguousarray(low.astype(np.uint32).T)  # (texts, perms)
         b = sig.reshape(k, self.bands, self.rows).astype(np.uint64)
         keys = (b * self.mix).sum(axis=2) ^ self.band_salt
-        return Prepared(has_norm, norm_hash, row, sig, keys)
+        return Prepared(has_norm, norm_hash, lens.astype(np.int32), row, sig, keys)
 
 
 class U64Table:
     """Open-addressing hash table uint64 key → position (linear probing, numpy, vectorised over a batch).
 
-    Only insert-if-absent and lookup: what first-occurrence dedup needs. One uint64 a slot, load kept ≤ 0.7: the key's
+    Only insert-if-absent and lookup: what first-occurrence dedup needs. One uint64 a slot, load kept ≤ MAX_LOAD: the key's
     high 36 bits and the position + 1 in the low 28 (0: empty). Keys come from 64-bit hashes, so two different keys
     agreeing on 36 bits within one probe run is a ~1e-11 event; positions are limited to 2^28 − 1.
     """
@@ -125,6 +186,7 @@ class U64Table:
     VAL_BITS = 28
     VAL_MASK = np.uint64((1 << VAL_BITS) - 1)
     MAX_POS = (1 << VAL_BITS) - 2
+    MAX_LOAD = 0.5  # grown (doubled) beyond this: short probe runs (0.7 costs ~25% more time in dedup)
 
     def __init__(self, capacity: int = 1 << 16):
         self._alloc(max(1 << 10, 1 << (capacity - 1).bit_length()))
@@ -159,10 +221,10 @@ class U64Table:
         """Insert keys known to be absent and distinct from each other, with their positions."""
         if len(pos) and int(pos.max()) > self.MAX_POS:
             raise OverflowError(f"dedup index holds at most {self.MAX_POS:,} texts")
-        if self.count + len(keys) > 0.7 * (self.mask + 1):
+        if self.count + len(keys) > self.MAX_LOAD * (self.mask + 1):
             old = self.slots[self.slots != 0]
             cap = self.mask + 1
-            while self.count + len(keys) > 0.7 * cap:
+            while self.count + len(keys) > self.MAX_LOAD * cap:
                 cap *= 2
             self._alloc(cap)
             self.count = 0
@@ -218,15 +280,40 @@ class _Blocks:
 
 
 class DedupIndex:
-    """First occurrence wins: `check_batch` names, for each text, an earlier text it duplicates, else indexes it."""
+    """First occurrence wins: `check_batch` names, for each text, an earlier text it duplicates, else indexes it.
 
-    def __init__(self, ngram: int = 2, perms: int = 64, bands: int = 16, threshold: float = 0.7, seed: int = 1):
+    Earlier texts come in sources (the recipe's examples, a reference corpus, the input, …), each with its own bar:
+    the similarity from which a later text counts as its near duplicate, and a bar for short later texts (common short
+    greetings overlap a large corpus by chance). `start_source` opens one; texts indexed from then on belong to it.
+    A near duplicate below `reject` (doubtful) is indexed for exact matching only: a later exact copy of it is rejected
+    as a copy of it, while near matches still point at the text it resembles.
+    """
+
+    def __init__(self, ngram: int = 2, perms: int = 64, bands: int = 16, threshold: float = 0.7, seed: int = 1,
+                 reject: Optional[float] = None, short_chars: int = 0):
         self.hasher = MinHasher(ngram, perms, bands, seed)
-        self.perms, self.bands, self.threshold = perms, bands, threshold
+        self.perms, self.bands = perms, bands
+        self.reject = threshold if reject is None else reject
+        self.short_chars = short_chars            # texts with fewer normalised characters use a source's short bar
         self.ids: list[str] = []                  # index position → id
         self.exact = U64Table()                   # norm hash → position
         self.buckets = U64Table(1 << 18)          # band key → first position with it
         self.sigs = _Blocks(perms)                # position → signature (zeros for texts without one)
+        self._src_start = np.zeros(1, np.int64)   # first position of each source, in order
+        self._bar = np.array([threshold])         # each source's bar, and its bar for short texts
+        self._short_bar = np.array([threshold])
+
+    def start_source(self, bar: float, short_bar: Optional[float] = None) -> None:
+        """Texts indexed from now on form a new source: a later text is their near duplicate from similarity `bar`
+        (`short_bar` if it has fewer than short_chars normalised characters)."""
+        self._src_start = np.append(self._src_start, len(self.ids))
+        self._bar = np.append(self._bar, bar)
+        self._short_bar = np.append(self._short_bar, bar if short_bar is None else short_bar)
+
+    def _bars(self, pos: np.ndarray, short: np.ndarray) -> np.ndarray:
+        """The bar each earlier text at `pos` sets for a later text (short or not)."""
+        k = np.searchsorted(self._src_start, pos, side="right") - 1
+        return np.where(short, self._short_bar[k], self._bar[k])
 
     def prepare(self, texts: Sequence[str]) -> Prepared:
         return self.hasher.prepare(texts)
@@ -246,18 +333,23 @@ class DedupIndex:
     def check_batch(self, ids: Sequence[str], p: Prepared, add: np.ndarray) -> list[Optional[tuple[str, float]]]:
         """For each record in order: (id it duplicates, similarity) or None. `add[i]`: index record i if it is new
         (the pipeline passes False for rejected records: a rejected first copy must not block a later good one)."""
-        B, thr = len(ids), self.threshold
+        B = len(ids)
         hits: list = [None] * B
         ex = self.exact.lookup(p.norm_hash)
         ex[~p.has_norm] = -1
         g = self.buckets.lookup(p.keys.ravel()).reshape(p.keys.shape)       # (K, bands), earlier batches
-        # Similarity to each earlier-batch candidate; best per record = first band with the highest similarity.
-        sim = np.full(g.shape, -1.0)
+        signed = p.row >= 0
+        short = np.zeros(len(g), dtype=bool)                                 # per signature row
+        short[p.row[signed]] = p.nlen[signed] < self.short_chars
+        # Similarity to each earlier-batch candidate, kept where it reaches the candidate's source bar; best per
+        # record = first band with the highest similarity.
+        score = np.full(g.shape, -1.0)
         cand = g >= 0
         if cand.any():
             kk = np.nonzero(cand)[0]
-            sim[cand] = self._sims(g[cand].astype(np.int64), p.sig[kk])
-        score = np.where(sim >= thr, sim, -1.0)
+            pos = g[cand].astype(np.int64)
+            sim = self._sims(pos, p.sig[kk])
+            score[cand] = np.where(sim >= self._bars(pos, short[kk]), sim, -1.0)
         best_band = score.argmax(axis=1) if len(score) else np.zeros(0, np.int64)
         best_sim = score[np.arange(len(score)), best_band] if len(score) else np.zeros(0)
         # Keys (band keys without an earlier-batch entry, norm hashes without one) that occur twice in this batch:
@@ -270,11 +362,11 @@ class DedupIndex:
         local_ex = np.zeros(B, dtype=bool)
         local_ex[np.flatnonzero(nh_free)[_repeated(p.norm_hash[nh_free])]] = True
         slow = local_ex
-        signed = p.row >= 0
         slow[signed] |= local_rows[p.row[signed]]
         seen_ex: dict[int, int] = {}                   # within-batch entries of the sequential path: norm hash → position
         seen_band: dict[int, tuple[int, int]] = {}     # band key → (position, signature row)
-        new = np.zeros(B, dtype=bool)
+        at = np.full(B, -1, dtype=np.int64)            # index position given to record i (−1: not indexed)
+        full = np.zeros(B, dtype=bool)                 # indexed with its band keys too (not only its norm hash)
         ex_l, row_l, add_l, slow_l, has_l = ex.tolist(), p.row.tolist(), add.tolist(), slow.tolist(), p.has_norm.tolist()
         for i in range(B):
             if not has_l[i]:
@@ -284,26 +376,26 @@ class DedupIndex:
                 hits[i] = (self.ids[ex_l[i]], 1.0)
                 continue
             if slow_l[i]:
-                hit = self._sequential(i, r, p, g, sim, seen_ex, seen_band)
+                hit = self._sequential(i, r, p, g, score, short, seen_ex, seen_band)
             else:
                 hit = None
                 if r >= 0 and best_sim[r] >= 0:
                     hit = (self.ids[g[r, best_band[r]]], float(best_sim[r]))
-            if hit is not None:
-                hits[i] = hit
-            elif add_l[i]:
-                new[i] = True
-                pos = len(self.ids)
-                self.ids.append(ids[i])
-                if slow_l[i]:
-                    seen_ex.setdefault(int(p.norm_hash[i]), pos)
-                    if r >= 0:
-                        for k in p.keys[r][free[r]].tolist():
-                            seen_band.setdefault(k, (pos, r))
-        self._commit(p, new, g, rep)
+            hits[i] = hit
+            if not add_l[i] or (hit is not None and hit[1] >= self.reject):
+                continue
+            at[i] = len(self.ids)
+            self.ids.append(ids[i])
+            full[i] = hit is None
+            if slow_l[i]:
+                seen_ex.setdefault(int(p.norm_hash[i]), int(at[i]))
+                if full[i] and r >= 0:
+                    for k in p.keys[r][free[r]].tolist():
+                        seen_band.setdefault(k, (int(at[i]), r))
+        self._commit(p, at, full, g, rep)
         return hits
 
-    def _sequential(self, i, r, p, g, sim, seen_ex, seen_band):
+    def _sequential(self, i, r, p, g, score, short, seen_ex, seen_band):
         """One record against earlier batches and the earlier records of this batch, exactly as one by one."""
         j = seen_ex.get(int(p.norm_hash[i]))
         if j is not None:
@@ -314,7 +406,7 @@ class DedupIndex:
         keys = p.keys[r].tolist()
         for b in range(self.bands):
             if g[r, b] >= 0:
-                s = sim[r, b]
+                s = score[r, b]  # −1 where below the bar
                 j = int(g[r, b])
             else:
                 seen = seen_band.get(keys[b])
@@ -322,19 +414,22 @@ class DedupIndex:
                     continue
                 j, rj = seen
                 s = float(np.count_nonzero(p.sig[rj] == p.sig[r])) / self.perms
-            if s >= self.threshold and (best is None or s > best[1]):
+                if s < self._bars(np.array([j]), short[r:r + 1])[0]:
+                    continue
+            if s >= 0 and (best is None or s > best[1]):
                 best = (self.ids[j], float(s))
         return best
 
-    def _commit(self, p: Prepared, new: np.ndarray, g: np.ndarray, rep: np.ndarray) -> None:
-        """Index this batch's new records: norm hashes, signatures, band keys not yet in the table."""
-        idx = np.flatnonzero(new)
+    def _commit(self, p: Prepared, at: np.ndarray, full: np.ndarray, g: np.ndarray, rep: np.ndarray) -> None:
+        """Index this batch's new records: norm hashes and signatures (zeros where none or not `full`), and the
+        band keys not yet in the table of the `full` ones."""
+        idx = np.flatnonzero(at >= 0)
         if not idx.size:
             return
-        pos = np.arange(len(self.ids) - idx.size, len(self.ids), dtype=np.int32)
+        pos = at[idx]  # consecutive, in record order
         nh, first = np.unique(p.norm_hash[idx], return_index=True)
         self.exact.insert_new(nh, pos[first])
-        rows = p.row[idx]
+        rows = np.where(full[idx], p.row[idx], -1)
         sig = np.zeros((idx.size, self.perms), dtype=np.uint32)
         has = rows >= 0
         sig[has] = p.sig[rows[has]]

@@ -1,10 +1,12 @@
 """The filters: one small class each, `check(rec, info, ctx)` → Verdict or None (None = nothing to say).
 
 `info` is the record's resolved meta (scene, style, relation, …): taken from `meta`, else derived from `input`
-via the recipe's lists, else missing — a filter that needs a missing field raises Skip, counted in report.json.
+via the recipe's lists, else missing — a filter that needs a missing field raises Skip, counted in report.json —
+and `chars`, the output's 字数.
 """
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass
 from typing import Optional
@@ -35,6 +37,7 @@ class Context:
 
     def __init__(self, config: CurateConfig, recipe_path: Optional[str] = None):
         self.config = config
+        self.screen = True  # let filters skip their detailed rules for text their pre-screen clears (False: tests)
         path = resolve_path(recipe_path or config.recipe)
         with open(path, "rb") as f:
             self.recipe = tomllib.load(f)
@@ -62,6 +65,7 @@ class Context:
                 info["recipient"] = info["recipient"] or (m["recipient"] or None)
         if not info["relation"] and info["recipient"]:
             info["relation"] = self.relation_of.get(info["recipient"])
+        info["chars"] = char_count(rec.get("output", ""))  # 字数, counted once: the length filter and the report use it
         return info
 
 
@@ -80,7 +84,7 @@ class LengthFilter:
 
     def check(self, rec, info, ctx):
         cap = need(info, "max_chars")
-        n = char_count(rec["output"])
+        n = info["chars"]
         c = ctx.config
         if n >= cap:
             return Verdict(REJECTED, f"{n} 字, the prompt asked for fewer than {cap}", n / cap)
@@ -109,13 +113,15 @@ class TruncationFilter:
                 return Verdict(REJECTED, f"ends mid-clause: …{out[-6:]}")
             if not out.endswith("快"):
                 return Verdict(REJECTED, f"ends mid-clause: …{out[-6:]}")
-        # No closing mark, and the last clause is a stub (…身体健康、事业) or ends on a word that needs more (…每天都).
-        if out and not CLOSED_END.search(out) and CUT_WORD_END.search(out):
+        # No closing mark, and the last clause is a stub (…身体健康、事业), ends on a word that needs more (…每天都),
+        # or follows other clauses (…永结同心，家庭幸福): whole greetings of several clauses end on a mark.
+        if out and not CLOSED_END.search(out) and (CUT_WORD_END.search(out) or CLAUSE_MARK.search(out)):
             return Verdict(DOUBTFUL, f"no closing punctuation, may be cut off: …{out[-6:]}", 0.5)
         return None
 
 
 CUT_WORD_END = regex.compile(r"(?:^|[，,、；;：:])\s*\p{Han}{1,2}$|[都也还更最很会要能将就再又才是让使对向为着的如于之以所其]$")
+CLAUSE_MARK = regex.compile(r"[，,、；;]")
 CLOSED_END = regex.compile(r"(?:[。！？!?…~～.）)”」』》\p{Extended_Pictographic}️‍" + PARTICLES + r"]|\p{Emoji_Modifier})$")
 
 
@@ -128,12 +134,21 @@ HALF = regex.compile(r"(?<=\p{Han})[,!?;:]|[,!?;:](?=\p{Han})")
 FULL = regex.compile(r"[，。！？；：、]")
 
 
+# Pre-screen: every rule above needs a half-width mark, or a mark followed by a mark or a particle. One stdlib `re`
+# character-class search, several times cheaper than the three rules for the clean majority (same verdicts:
+# tests/test_curate.py compares screened and full verdicts).
+_MARKS = "！!。.？?，,~～；;：:、"
+PUNCTUATION_SCREEN = re.compile(f"[,!?;:]|[{_MARKS}][{_MARKS}{PARTICLES}]")
+
+
 class PunctuationFilter:
     """Particles after a terminal mark (！啦~), runs (！！！ ~~~), full/half-width punctuation mixed."""
     name = "punctuation"
 
     def check(self, rec, info, ctx):
         out = rec["output"]
+        if ctx.screen and not PUNCTUATION_SCREEN.search(out):
+            return None
         m = PARTICLE_AFTER_MARK.search(out)
         if m:
             return Verdict(REJECTED, f"particle after a terminal mark: {m.group()!r}")
@@ -155,12 +170,20 @@ TITLE_PREFIX = regex.compile(
 WRAP = regex.compile(r'^\s*(?:“.*”|".*"|「.*」|『.*』|《.*》|‘.*’|\'.*\')\s*$', regex.S)
 
 
+# Pre-screen: every rule above needs a line break (a second line; (?m)^ after it), one of these marks or words
+# anywhere, or a digit at the start (1. …).
+MARKDOWN_SCREEN = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029#*_\\-•·【《“\"「『‘']|标题|祝福|贺词|寄语")
+DIGIT_START = regex.compile(r"\s*\d")
+
+
 class MarkdownFilter:
     """Titles, markdown, list bullets and wrapping quotes: the prompt asked for the greeting only."""
     name = "markdown"
 
     def check(self, rec, info, ctx):
         out = rec["output"]
+        if ctx.screen and not MARKDOWN_SCREEN.search(out) and not DIGIT_START.match(out):
+            return None
         m = MARKDOWN.search(out) or TITLE_PREFIX.match(out)
         if m:
             return Verdict(REJECTED, f"title or markdown: {m.group().strip()!r}")
@@ -270,7 +293,8 @@ COMPATIBLE = {
     "春节": {"除夕", "元宵节"}, "除夕": {"春节"}, "元宵节": {"春节"}, "腊八节": {"春节", "除夕"},
     "周年纪念": {"新婚快乐"}, "新婚快乐": {"周年纪念"}, "七夕节": {"周年纪念"}, "重阳节": {"生日"}, "发财": {"春节", "除夕"}, "端午节": {"比赛取得好成绩"},
 }
-OCCASION_RE = regex.compile("|".join(sorted({w for ws in OCCASION_WORDS.values() for w in ws} | NEUTRAL_WISHES,
+# Plain words: stdlib re (the same matches as `regex` for literals and `.`, ~2.5x faster on this alternation).
+OCCASION_RE = re.compile("|".join(sorted({w for ws in OCCASION_WORDS.values() for w in ws} | NEUTRAL_WISHES,
                                             key=len, reverse=True)))
 WORD_SCENE = {w: s for s, ws in OCCASION_WORDS.items() for w in ws}
 FORMAL = {"长辈", "师长", "上级", "客户"}
@@ -313,7 +337,7 @@ class FitFilter:
         return None
 
 
-OFFICIALESE = regex.compile(r"谨向|致以|崇高的敬意|值此.{0,8}之际.{0,10}(?:谨|致)|尊敬的(?:夫人|先生|女士)")
+OFFICIALESE = re.compile(r"谨向|致以|崇高的敬意|值此.{0,8}之际.{0,10}(?:谨|致)|尊敬的(?:夫人|先生|女士)")
 
 
 def _in_gb2312(text: str) -> bool:
@@ -361,24 +385,32 @@ MOJIBAKE = regex.compile(r"锟斤拷|烫烫|屯屯|\ufffd|□{2,}|\p{Co}|[\u0080
 ENGLISH = regex.compile(r"[A-Za-z]{2,}")
 
 
+# Pre-screen: what MOJIBAKE, ENGLISH and TRAD_IN_GB2312 need (a character of MOJIBAKE's classes, private use,
+# a Latin letter, a listed traditional form); without one, only the GB2312/Big5 check is left to run.
+LANGUAGE_SCREEN = re.compile("[锟烫屯\ufffd□\u0080-\u00ff\ue000-\uf8ff\U000f0000-\U0010fffdA-Za-z"
+                             + TRAD_IN_GB2312.pattern[1:-1] + "]")
+
+
 class LanguageFilter:
     """Simplified Chinese only: no English words, no traditional characters, no mojibake."""
     name = "language"
 
     def check(self, rec, info, ctx):
         out = rec["output"]
-        m = MOJIBAKE.search(out)
-        if m:
-            return Verdict(REJECTED, f"mojibake: {m.group()!r}")
-        if out.isascii() or ENGLISH.search(out):
-            allow = {w.lower() for w in ctx.config.english_allow}
-            words = [w for w in ENGLISH.findall(out) if w.lower() not in allow]
-            if words:
-                return Verdict(REJECTED, f"English words: {' '.join(words[:5])}")
+        suspicious = not ctx.screen or LANGUAGE_SCREEN.search(out)
+        if suspicious:
+            m = MOJIBAKE.search(out)
+            if m:
+                return Verdict(REJECTED, f"mojibake: {m.group()!r}")
+            if out.isascii() or ENGLISH.search(out):
+                allow = {w.lower() for w in ctx.config.english_allow}
+                words = [w for w in ENGLISH.findall(out) if w.lower() not in allow]
+                if words:
+                    return Verdict(REJECTED, f"English words: {' '.join(words[:5])}")
         big5_only, rare = outside_gb2312(out)
         if len(rare) >= 2:  # one rare character can be a name; several are decoded bytes (鍓嶇▼浼奸敠)
             return Verdict(REJECTED, f"mojibake: characters outside GB2312 and Big5 {''.join(rare[:8])!r}", len(rare))
-        m = big5_only or TRAD_IN_GB2312.findall(out)
+        m = big5_only or (suspicious and TRAD_IN_GB2312.findall(out))
         if m:
             return Verdict(REJECTED, f"traditional characters: {''.join(m[:8])}", len(m))
         return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import multiprocessing
 import os
+import signal
 import sys
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from distillery.io import Located, Problem, parse_block, read_blocks, read_records
+from distillery.io import Block, Located, Problem, parse_block, read_blocks, read_records
 from distillery.record import dumps, ensure_id
 
 from curate.config import CurateConfig, resolve_path
@@ -45,15 +46,21 @@ def expand(inputs: Iterable[str]) -> list[str]:
 
 def build_index(ctx: Context) -> DedupIndex:
     c = ctx.config
-    idx = DedupIndex(c.near_dup_ngram, c.minhash_perms, c.minhash_bands, min(c.near_dup_threshold, c.near_dup_doubtful))
+    reject = c.near_dup_threshold
+    others = min(c.near_dup_doubtful_others, reject)
+    idx = DedupIndex(c.near_dup_ngram, c.minhash_perms, c.minhash_bands, reject=reject,
+                     short_chars=c.near_dup_short_chars)
     if c.dedup_examples:
+        idx.start_source(min(c.near_dup_doubtful, reject))  # strict: near-copies of the few-shot examples
         idx.add_many([(f"recipe-example-{i}", e) for i, e in enumerate(ctx.examples)])
+    idx.start_source(others, short_bar=reject)  # reference corpus and earlier releases
     sources = ([c.dedup_reference] if c.dedup_reference else []) + list(c.dedup_releases)
     for src in map(str, map(resolve_path, sources)):
         if not os.path.exists(src):
             continue
         idx.add_many([(item.record.get("id") or f"{src}:{item.line}", item.record["output"])
                       for item in read_records(src) if isinstance(item, Located)])
+    idx.start_source(others)  # the input itself: a short one-word variant of an earlier output is still doubtful
     return idx
 
 
@@ -66,14 +73,20 @@ class Judged:
     reasons: dict = field(default_factory=dict)        # position → [{filter, detail, score}], flagged records only
     by_filter: dict = field(default_factory=lambda: defaultdict(Counter))
     prepared: Optional[Prepared] = None                # dedup hashes of the outputs
-    # From judge_lines only: each record's JSON line up to its closing brace, the reasons as JSON, the few fields
-    # the report needs (columns, and no per-record dict: what crosses a process boundary is pickled), bad lines.
-    heads: list = field(default_factory=list)
+    # From judge_lines only: where each record's JSON line up to its closing brace lies in the chunk's block (so the
+    # output line is those input bytes plus the curation, and no copy of them crosses a pipe), the reasons as JSON,
+    # the few fields the report needs (columns, and no per-record dict: what crosses a process boundary is
+    # pickled), bad lines.
+    head_start: list = field(default_factory=list)     # −1: the record is re-encoded, see `encoded`
+    head_end: list = field(default_factory=list)
+    head_extra: dict = field(default_factory=dict)     # position → bytes after the span (an id ensure_id added)
+    encoded: dict = field(default_factory=dict)        # position → the record re-encoded up to its closing brace
     reasons_json: dict = field(default_factory=dict)
     outputs: list = field(default_factory=list)
     scenes: list = field(default_factory=list)
     styles: list = field(default_factory=list)
     caps: list = field(default_factory=list)
+    chars: list = field(default_factory=list)          # 字数 of each output
     problems: list = field(default_factory=list)
 
 
@@ -116,12 +129,13 @@ class Judge:
         return infos
 
     def judge_lines(self, path: str, entries: list) -> Judged:
-        """A chunk of one input file: read_blocks' (first line number, block of lines) pairs, or already-read items
-        (a JSON array's records, problems)."""
+        """A chunk of one input file: one read_blocks Block (its bytes, or where to read them), or already-read
+        items (a JSON array's records, problems)."""
         out = Judged()
-        recs, heads = [], []
+        recs, spans = [], []
         for e in entries:
-            for raw, item in parse_block(e[1], path, e[0]) if isinstance(e, tuple) else ((None, e),):
+            parsed = parse_block(e.bytes_of(path), path, e.line) if isinstance(e, Block) else ((0, None, e),)
+            for at, raw, item in parsed:
                 if isinstance(item, Problem):
                     out.problems.append(item)
                     continue
@@ -129,46 +143,51 @@ class Judge:
                 had_id = bool(rec.get("id"))
                 ensure_id(rec)
                 recs.append(rec)
-                heads.append(_head(rec, raw if "curation" not in rec else None, had_id))
+                span = _head_span(raw) if raw is not None and "curation" not in rec else None
+                spans.append(span and (at + span[0], at + span[1], had_id))
         infos = self.judge(recs, out)
         intern = _intern
-        for rec, info, head in zip(recs, infos, heads):
-            if head is None:  # re-encoded, without a curation from an earlier run (the new one follows)
-                head = dumps({k: v for k, v in rec.items() if k != "curation"})[:-1].encode("utf-8")
-            out.heads.append(head)
+        for i, (rec, info, span) in enumerate(zip(recs, infos, spans)):
+            if span is None:  # re-encoded, without a curation from an earlier run (the new one follows)
+                out.encoded[i] = dumps({k: v for k, v in rec.items() if k != "curation"})[:-1].encode("utf-8")
+                out.head_start.append(-1)
+                out.head_end.append(-1)
+            else:
+                out.head_start.append(span[0])
+                out.head_end.append(span[1])
+                if not span[2]:  # ensure_id appended the id, as dumps(rec) would
+                    out.head_extra[i] = b',"id":' + dumps(rec["id"]).encode("utf-8")
             out.outputs.append(rec["output"])
             out.scenes.append(intern(info["scene"]))  # one pickled copy of each name, not one a record
             out.styles.append(intern(info["style"]))
             out.caps.append(info["max_chars"])
+            out.chars.append(info["chars"])
         out.reasons_json = {i: dumps(r).encode("utf-8") for i, r in out.reasons.items()}
         return out
-
-    @staticmethod
-    def light(j: Judged, i: int, verdict: str, reasons: list) -> dict:
-        """Record i of j as much as ReportStats reads of it."""
-        return {"id": j.ids[i], "output": j.outputs[i], "input": "",
-                "meta": {"scene": j.scenes[i], "style": j.styles[i], "max_chars": j.caps[i]},
-                "curation": {"verdict": verdict, "reasons": reasons}}
 
 
 def _intern(x):
     return sys.intern(x) if type(x) is str else x
 
 
-def _head(rec: dict, raw: Optional[bytes], had_id: bool) -> Optional[bytes]:
-    """The input line itself up to its closing brace, so the output need not re-encode the record (the
-    curation object is appended after it); None where that is not possible (no raw line, or an old curation)."""
-    if raw is None:
+_WS = b" \t\n\r\x0b\x0c"  # what bytes.strip() strips
+
+
+def _head_span(raw: bytes) -> Optional[tuple[int, int]]:
+    """Where in a raw input line the record's JSON lies up to its closing brace (without whitespace and BOM), so
+    the output need not re-encode the record (the curation object is appended after it); None if not an object."""
+    a, b = 0, len(raw)
+    while a < b and raw[a] in _WS:
+        a += 1
+    if raw.startswith(b"\xef\xbb\xbf", a):
+        a += 3
+        while a < b and raw[a] in _WS:
+            a += 1
+    while b > a and raw[b - 1] in _WS:
+        b -= 1
+    if b - a < 2 or raw[a] != 0x7B or raw[b - 1] != 0x7D:  # { … }
         return None
-    raw = raw.strip()
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:].strip()
-    if not (raw.startswith(b"{") and raw.endswith(b"}")):
-        return None
-    head = raw[:-1]
-    if not had_id:  # ensure_id appends the id, as dumps(rec) would
-        head += b',"id":' + dumps(rec["id"]).encode("utf-8")
-    return head
+    return a, b - 1
 
 
 def settle(j: Judged, ctx: Context, summary: Summary, index: Optional[DedupIndex]) -> Iterator[tuple]:
@@ -220,16 +239,23 @@ def curate_records(records: Iterable[dict], ctx: Context, summary: Summary, inde
 CHUNK = 2048            # records a batch (curate_records, JSON arrays)
 BLOCK_BYTES = 1 << 20   # JSON Lines bytes a chunk: one message to a worker, a few hundred to thousands of records
 SERIAL_BELOW = 1 << 20  # input bytes under which worker processes cost more than they save
-_JUDGE: Optional[Judge] = None
 
 
-def _init_worker(ctx: Context) -> None:
-    global _JUDGE
-    _JUDGE = Judge(ctx)
-
-
-def _judge_chunk(path: str, entries: list) -> Judged:
-    return _JUDGE.judge_lines(path, entries)
+def _worker(conn, ctx: Context) -> None:
+    """A worker process: judge each (path, entries) that comes in, send the Judged back (or the exception)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (it ends the workers)
+    judge = Judge(ctx)
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:  # the main process is gone
+            return
+        if task is None:
+            return
+        try:
+            conn.send((True, judge.judge_lines(*task)))
+        except BaseException as e:  # noqa: BLE001  (re-raised in the main process)
+            conn.send((False, e))
 
 
 def _chunks(paths: list[str]) -> Iterator[tuple[str, list]]:
@@ -238,7 +264,7 @@ def _chunks(paths: list[str]) -> Iterator[tuple[str, list]]:
     for path in paths:
         items = []
         for e in read_blocks(path, block_bytes=BLOCK_BYTES):
-            if isinstance(e, tuple):
+            if isinstance(e, Block):
                 if items:
                     yield path, items
                     items = []
@@ -252,22 +278,61 @@ def _chunks(paths: list[str]) -> Iterator[tuple[str, list]]:
             yield path, items
 
 
-def _judged(paths: list[str], ctx: Context, workers: int) -> Iterator[Judged]:
-    """Judged chunks in input order, from `workers` processes (0: in this one)."""
+def _judged(paths: list[str], ctx: Context, workers: int) -> Iterator[tuple[Judged, Optional[bytes]]]:
+    """Judged chunks in input order, each with its block's bytes (None for read items), from `workers` processes
+    (0: in this one)."""
     if workers <= 0:
         judge = Judge(ctx)
         for path, entries in _chunks(paths):
-            yield judge.judge_lines(path, entries)
+            yield judge.judge_lines(path, entries), _block_data(entries)
         return
+    # Chunk k goes to worker k mod W, and each worker answers in the order it was asked, so reading the answers
+    # round-robin gives them in input order. Plain pipes, not a Pool: its helper threads cost this (the serial)
+    # process more CPU than the answers' unpickling itself.
     mp = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with mp.Pool(workers, initializer=_init_worker, initargs=(ctx,)) as pool:
-        pending: deque = deque()
-        for path, entries in _chunks(paths):
-            pending.append(pool.apply_async(_judge_chunk, (path, entries)))
+    conns, procs, pending, finished = [], [], deque(), False
+    try:
+        for _ in range(workers):
+            ours, theirs = mp.Pipe()
+            procs.append(mp.Process(target=_worker, args=(theirs, ctx), daemon=True))
+            procs[-1].start()
+            theirs.close()
+            conns.append(ours)
+
+        for k, (path, entries) in enumerate(_chunks(paths)):
+            # A block goes as (offset, size): the worker reads it from the file, and its answer points into it, so
+            # the input's bytes cross no pipe (they were a third of this process's CPU time).
+            sent = [e._replace(data=None) if isinstance(e, Block) else e for e in entries]
+            conns[k % workers].send((path, sent))
+            pending.append((conns[k % workers], _block_data(entries)))
             if len(pending) > 2 * workers:  # bounded read-ahead: memory stays flat however large the input
-                yield pending.popleft().get()
+                yield _answer(pending)
         while pending:
-            yield pending.popleft().get()
+            yield _answer(pending)
+        for conn in conns:
+            conn.send(None)
+        finished = True
+    finally:
+        for proc in procs:
+            if not finished and proc.is_alive():  # stopped early (an error): their work is moot
+                proc.terminate()
+            proc.join()
+
+
+def _answer(pending: deque) -> tuple[Judged, Optional[bytes]]:
+    """The oldest chunk's Judged (from the worker it went to) and its block's bytes."""
+    conn, data = pending.popleft()
+    try:
+        ok, judged = conn.recv()
+    except EOFError:
+        raise RuntimeError("a curate worker process died") from None
+    if not ok:
+        raise judged
+    return judged, data
+
+
+def _block_data(entries: list) -> Optional[bytes]:
+    return entries[0].data if entries and isinstance(entries[0], Block) else None
 
 
 def default_workers(paths: list[str]) -> int:
@@ -296,15 +361,17 @@ def run(inputs: list[str], out_dir: str | Path, config: CurateConfig, ctx: Conte
     writers = {n: (files[n].write, b',"curation":{"verdict":"' + n.encode() + b'","reasons":') for n in names}
     tail = f',"config_hash":"{chash}"}}}}\n'.encode()
     try:
-        for j in _judged(paths, ctx, workers):
+        for j, data in _judged(paths, ctx, workers):
             summary.problems.extend(j.problems)
             _merge_counts(summary, j)
-            heads, reasons_json = j.heads, j.reasons_json
+            view = memoryview(data) if data is not None else None
+            starts, ends, extra, encoded, reasons_json = j.head_start, j.head_end, j.head_extra, j.encoded, j.reasons_json
             for i, worst, reasons, changed in settle(j, ctx, summary, index):
                 rj = dumps(reasons).encode("utf-8") if changed else reasons_json.get(i, b"[]")
                 write, verdict = writers[worst]
-                write(b"".join((heads[i], verdict, rj, tail)))
-                stats.add(Judge.light(j, i, worst, reasons))
+                head = view[starts[i]:ends[i]] if starts[i] >= 0 else encoded[i]
+                write(b"".join((head, extra.get(i, b""), verdict, rj, tail)))
+                stats.count(j.ids[i], j.outputs[i], j.scenes[i], j.styles[i], j.caps[i], worst, j.chars[i], reasons)
     finally:
         for f in files.values():
             f.close()

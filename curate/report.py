@@ -95,16 +95,19 @@ class ReportStats:
         if not (scene and style) and self._resolve is not None:
             info = self._resolve(rec)
             scene, style = scene or info.get("scene"), style or info.get("style")
-        key = (scene or UNKNOWN, style or UNKNOWN, verdict)
-        self.cells[key] = self.cells.get(key, 0) + 1
-
         if chars is None:
             chars = _chars_from_reasons(reasons, cap) if reasons else None
             if chars is None:
                 chars = char_count(rec["output"])
+        self.count(rec["id"], rec["output"], scene, style, cap, verdict, chars, reasons)
+
+    def count(self, rid: str, output: str, scene: Optional[str], style: Optional[str], cap: Optional[int],
+              verdict: str, chars: int, reasons: list) -> None:
+        """add() for a caller that has every field at hand (the pipeline: no record dict a record)."""
+        key = (scene or UNKNOWN, style or UNKNOWN, verdict)
+        self.cells[key] = self.cells.get(key, 0) + 1
         key = (cap, verdict, min(chars, _clamp(cap)))
         self.lengths[key] = self.lengths.get(key, 0) + 1
-
         for r in reasons:
             rkey = (r["filter"], reason_kind(r["detail"]))
             entry = self.reasons.get(rkey)
@@ -116,9 +119,8 @@ class ReportStats:
                     entry = self.reasons[rkey] = [0, []]
             entry[0] += 1
             if len(entry[1]) < EXAMPLES_PER_REASON:
-                out = rec["output"]
-                entry[1].append({"id": rec["id"], "detail": r["detail"],
-                                 "output": out if len(out) <= EXAMPLE_CHARS else out[:EXAMPLE_CHARS] + "…"})
+                entry[1].append({"id": rid, "detail": r["detail"],
+                                 "output": output if len(output) <= EXAMPLE_CHARS else output[:EXAMPLE_CHARS] + "…"})
 
     def to_json(self, scene_order: list[str] = (), style_order: list[str] = ()) -> dict:
         """The aggregates as report.json carries them; axes follow the recipe's order, unknown names after."""

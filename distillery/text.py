@@ -6,12 +6,20 @@ except whitespace. So a Chinese character, a letter, a digit, a punctuation mark
 """
 from __future__ import annotations
 
+import re
+
 import regex
 
 _GRAPHEME = regex.compile(r"\X")
-_SPACE = regex.compile(r"\s")
-# Text made only of these has one grapheme per code point, so counting needs no clustering (the common case).
-_NEEDS_CLUSTERING = regex.compile(r"[^\p{Han}\p{P}\p{N}\p{Latin}\s]")
+_ISSPACE = re.compile(r"\s")  # stdlib re's \s is str.isspace, what a whitespace cluster is below
+# Code points that can share a grapheme cluster with a neighbour (UAX #29 rules GB3–GB13: CR LF, Hangul syllable
+# parts, marks and joiners, prepended marks, flag pairs). Text without any has one cluster per code point, so
+# counting needs no clustering: the common case, emoji included.
+_JOINING = regex.compile(r"[\r\p{Grapheme_Cluster_Break=Extend}\p{Grapheme_Cluster_Break=ZWJ}"
+                         r"\p{Grapheme_Cluster_Break=SpacingMark}\p{Grapheme_Cluster_Break=Prepend}"
+                         r"\p{Grapheme_Cluster_Break=Regional_Indicator}\p{Hangul_Syllable_Type=L}"
+                         r"\p{Hangul_Syllable_Type=V}\p{Hangul_Syllable_Type=T}\p{Hangul_Syllable_Type=LV}"
+                         r"\p{Hangul_Syllable_Type=LVT}]")
 EMOJI = regex.compile(r"\p{Extended_Pictographic}")
 # Modal particles a 小红书 line may end on.
 PARTICLES = "呀啊呢哦吧啦哟嘛哈噢喔咯哇呐嘞喽呦"
@@ -19,21 +27,30 @@ PARTICLES = "呀啊呢哦吧啦哟嘛哈噢喔咯哇呐嘞喽呦"
 
 def char_count(text: str) -> int:
     """字数 of `text`: grapheme clusters that are not whitespace."""
-    if not _NEEDS_CLUSTERING.search(text):
-        return len(text) - len(_SPACE.findall(text))
+    if not _JOINING.search(text):
+        return len(text) - len(_ISSPACE.findall(text))
     clusters = _GRAPHEME.findall(text)
     return len(clusters) - sum(map(str.isspace, clusters))  # map over a C method: no Python frame a cluster
+
+
+# A grapheme cluster that holds an emoji ends on it or on what may follow it inside a cluster (UAX #29: an emoji's
+# cluster is Prepend* ExtPict Extend* (ZWJ ExtPict Extend*)* then Extend | ZWJ | SpacingMark): so "the clusters with
+# an emoji" is one findall, not a Python call per cluster. Without any of those joining characters, every emoji is
+# a cluster of its own.
+_CLUSTER_GLUE = r"\p{Grapheme_Cluster_Break=Extend}\p{Grapheme_Cluster_Break=ZWJ}\p{Grapheme_Cluster_Break=SpacingMark}"
+_EMOJI_CLUSTER = regex.compile(rf"(?>\X)(?<=\p{{Extended_Pictographic}}[{_CLUSTER_GLUE}]*)")
+_JOINS = regex.compile(rf"[{_CLUSTER_GLUE}\p{{Grapheme_Cluster_Break=Prepend}}]")
 
 
 def emoji_list(text: str) -> list[str]:
     """The emoji of `text`, one entry per cluster (a ZWJ sequence or an emoji with its variation selector is one)."""
     if not EMOJI.search(text):  # fast path: most text has none
         return []
-    return list(filter(EMOJI.search, _GRAPHEME.findall(text)))
+    return _EMOJI_CLUSTER.findall(text) if _JOINS.search(text) else EMOJI.findall(text)
 
 
 def without_emoji(text: str) -> str:
     """`text` with whole emoji clusters removed (their variation selectors and ZWJs too)."""
     if not EMOJI.search(text):
         return text
-    return "".join(g for g in _GRAPHEME.findall(text) if not EMOJI.search(g))
+    return _EMOJI_CLUSTER.sub("", text)

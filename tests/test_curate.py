@@ -243,6 +243,50 @@ def test_near_duplicate_graded(ctx):
     assert out[2]["curation"]["verdict"] == "approved"
 
 
+def _dedup_run(tmp_path, **bars) -> list[dict]:
+    """A few records against a two-line reference corpus and the recipe's examples, with the given bar settings."""
+    from curate.pipeline import build_index
+    tmp_path.mkdir(exist_ok=True)
+    ref = tmp_path / "ref.jsonl"
+    ref.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
+        {"id": "ref-short", "instruction": "i", "input": "", "output": "恭喜升职，前程似锦！"},
+        {"id": "ref-long", "instruction": "i", "input": "", "output": "腊八节快乐！天寒地冻，请您多穿衣服注意保暖。"}]),
+        encoding="utf-8")
+    cx = Context(CurateConfig(recipe=str(ROOT / "dataset/recipes/blessing.toml"), dedup_reference=str(ref), **bars))
+    recs = [rec("恭喜你升职，前程似锦！", scene="工作升职", recipient="朋友", relation="朋友"),      # short, ≈0.66 ref-short
+            rec("腊八节快乐！天寒地冻，请您多喝热粥注意保暖。", scene="腊八节"),                        # ≈0.66 ref-long
+            rec("新的一岁也要闪闪发亮呀🌟", style="小红书", recipient="闺蜜", relation="朋友"),           # ≈0.64 an example
+            rec("表弟新年快乐，万事胜意！", scene="春节", recipient="表弟", relation="平辈"),
+            rec("表妹新年快乐，万事胜意！", scene="春节", recipient="表妹", relation="平辈"),            # short, ≈0.70 above
+            rec("恭喜升职，前程似锦。", scene="工作升职", recipient="朋友", relation="朋友"),            # exact ref-short
+            rec("腊八节快乐！天寒地冻，请您多喝热粥注意保暖！", scene="腊八节")]                        # exact copy of [1]
+    return list(curate_records(recs, cx, Summary(), build_index(cx)))
+
+
+def _dup(r: dict) -> str:
+    return " ".join(x["detail"] for x in r["curation"]["reasons"] if x["filter"] == "duplicates")
+
+
+def test_near_duplicate_bars_by_source(tmp_path):
+    out = _dedup_run(tmp_path)
+    got = [r["curation"]["verdict"] for r in out]
+    assert got == ["approved", "doubtful", "doubtful", "approved", "doubtful", "rejected", "rejected"], \
+        [(r["output"], r["curation"]) for r in out]
+    # A short stock greeting may overlap the corpus; a longer one-phrase variant of it is sent to review.
+    assert _dup(out[0]) == "" and "near duplicate of ref-long" in _dup(out[1])
+    assert "near duplicate of recipe-example-0" in _dup(out[2])         # strict against the few-shot examples
+    assert f"near duplicate of {out[3]['id']}" in _dup(out[4])          # and against the input itself, short or not
+    assert "exact duplicate of ref-short" in _dup(out[5])
+    # A later exact copy of a doubtful near duplicate is rejected as a copy of it (its first occurrence).
+    assert _dup(out[6]) == f"exact duplicate of {out[1]['id']}"
+    # The bars are config keys.
+    strict = _dedup_run(tmp_path / "a", near_dup_short_chars=0)
+    assert strict[0]["curation"]["verdict"] == "doubtful" and "near duplicate of ref-short" in _dup(strict[0])
+    lenient = _dedup_run(tmp_path / "b", near_dup_doubtful_others=0.7)
+    assert [r["curation"]["verdict"] for r in lenient][:5] == ["approved", "approved", "doubtful", "approved", "approved"]
+    assert lenient[6]["curation"]["verdict"] == "rejected" and "exact duplicate of" in _dup(lenient[6])
+
+
 # ---------------------------------------------------------------- the 1M-record path: batches, blocks, workers
 
 def _sample_lines(n_copies: int = 3) -> list[str]:
@@ -310,22 +354,32 @@ def test_output_line_is_input_line_plus_curation(tmp_path):
 
 def test_dedup_batch_equals_one_by_one():
     texts = [json.loads(x)["output"] for x in BLESSINGS.read_text(encoding="utf-8").splitlines() if x.strip()]
-    texts = texts[:300] + [t[:-1] + "啊" for t in texts[:300:7]] + texts[:300:11] + ["", "！！", "生日快乐"] * 2
+    two = [t[:3] + "啊啊" + t[5:] for t in texts[:300:9]]  # doubtful near duplicates, then exact copies of them
+    texts = texts[:300] + [t[:-1] + "啊" for t in texts[:300:7]] + texts[:300:11] + two + two[::2] + ["", "！！", "生日快乐"] * 2
     import numpy as np
     add = np.array([i % 5 != 0 for i in range(len(texts))])
-    one = DedupIndex(perms=96, bands=24, threshold=0.5)
+
+    def index():  # two sources with their own bars, a short-text bar, doubtful hits indexed for exact matching
+        idx = DedupIndex(perms=96, bands=24, threshold=0.5, reject=0.7, short_chars=12)
+        idx.add_many([(f"ex{i}", t) for i, t in enumerate(texts[:40:3])])
+        idx.start_source(0.6, short_bar=0.7)
+        return idx
+    one = index()
     want = [one.check_add(f"r{i}", t, add=bool(a)) for i, (t, a) in enumerate(zip(texts, add))]
-    batch = DedupIndex(perms=96, bands=24, threshold=0.5)
+    batch = index()
     got = []
     for k in range(0, len(texts), 128):  # within-batch and cross-batch duplicates both occur
         got += batch.check_batch([f"r{i}" for i in range(k, min(k + 128, len(texts)))],
                                  batch.prepare(texts[k:k + 128]), add[k:k + 128])
     assert got == want
     assert sum(h is not None and h[1] == 1.0 for h in got) > 20 and sum(h is not None and h[1] < 1.0 for h in got) > 20
+    assert sum(h is not None and 0.6 <= h[1] < 0.7 for h in got) > 5
+    copies_of_doubtful = [h for h in got if h is not None and h[1] == 1.0 and h[0].startswith("r") and int(h[0][1:]) >= 300]
+    assert len(copies_of_doubtful) > 5
 
 
 def test_read_blocks_equals_read_records(tmp_path):
-    from distillery.io import MAX_LINE_BYTES, parse_block, read_blocks, read_records
+    from distillery.io import MAX_LINE_BYTES, Block, parse_block, read_blocks, read_records
     p = tmp_path / "a.jsonl"
     long_line = json.dumps({"instruction": "x", "input": "", "output": "长" * MAX_LINE_BYTES})
     p.write_bytes(("\ufeff" + "\r\n".join(_sample_lines(1)[:40] + [long_line] + _sample_lines(1)[40:80])).encode())
@@ -333,7 +387,143 @@ def test_read_blocks_equals_read_records(tmp_path):
     for block_bytes in (64, 5000, 1 << 20):
         got = []
         for e in read_blocks(p, block_bytes=block_bytes):
-            items = [it for _, it in parse_block(e[1], str(p), e[0])] if isinstance(e, tuple) else [e]
+            items = [e]
+            if isinstance(e, Block):  # another process reads the same bytes by reference; raw lines start at `at`
+                assert e._replace(data=None).bytes_of(str(p)) == e.data
+                parsed = list(parse_block(e.data, str(p), e.line))
+                assert all(e.data[at:at + len(raw)] == raw for at, raw, it in parsed if len(raw) < MAX_LINE_BYTES)
+                items = [it for _, _, it in parsed]
             got += [(type(x).__name__, x.line, getattr(x, "record", None) or str(x)) for x in items]
         assert got == want, block_bytes
     assert any("over the" in str(x[2]) for x in want)
+
+
+def test_normalise_fast_path_equals_definition():
+    """normalise's translate fast path gives exactly NFKC + letters/digits only, on every corpus text, on every
+    character the fast path covers, on random mixes of them, and where it must fall back (combining marks)."""
+    import random
+    import unicodedata
+
+    import regex
+
+    from curate.dedup import COMPOSING_STARTERS, _FAST_RANGES, _fast_path, is_simple, normalise
+
+    def definition(t: str) -> str:
+        return regex.sub(r"[^\p{L}\p{N}]+", "", unicodedata.normalize("NFKC", t))
+
+    # The hard-coded starters that compose are what the Unicode database of this Python says.
+    second = set()
+    for cp in range(0x110000):
+        d = unicodedata.decomposition(chr(cp))
+        if d and not d.startswith("<") and len(d.split()) == 2:
+            second.add(int(d.split()[1], 16))
+    hangul_vt = set(range(0x1161, 0x1176)) | set(range(0x11A8, 0x11C3))
+    assert {x for x in second if unicodedata.combining(chr(x)) == 0} | hangul_vt == COMPOSING_STARTERS
+    texts = [json.loads(x)["output"] for p in ROOT.glob("dataset/reference/*.jsonl")
+             for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+    assert len(texts) > 1300 and all(normalise(t) == definition(t) for t in texts)
+    simple = [chr(cp) for lo, hi in _FAST_RANGES for cp in range(lo, hi + 1) if is_simple(chr(cp))]
+    assert len(simple) > 20000 and all(normalise(c) == definition(c) for c in simple)
+    rnd = random.Random(4)
+    mixes = ["".join(rnd.choices(simple, k=rnd.randint(1, 40))) for _ in range(20000)]
+    assert all(normalise(t) == definition(t) for t in mixes)
+    # Outside the simple set (Å is A + a combining ring; ﬁ and ㈠ lie outside the ranges): the slow path.
+    odd = ["e\u0301！", "ｶﾞ", "e！\u0301", "Å", "가\u11a8", "①②", "ﬁ", "㈠好"]
+    assert [_fast_path().unsafe.search(t) is not None for t in odd] == [True, True, True, True, True, False, True, True]
+    assert all(normalise(t) == definition(t) for t in odd)
+
+
+def test_parse_line_problems():
+    """The JSON Lines parser (orjson): one clear problem per bad line, UTF-8 errors named as such."""
+    from distillery.io import Located, Problem, parse_line
+    good = parse_line('{"instruction": "i", "input": "", "output": "新年快乐！"}\r\n'.encode(), "f.jsonl", 3)
+    assert isinstance(good, Located) and good.record["output"] == "新年快乐！"
+    cases = {b'{"instruction": "i", "input": "", "output": NaN}': "invalid JSON",   # json would accept NaN
+             b'{"instruction": "i", "input": "", "output": "\\ud800"}': "invalid JSON",  # a lone surrogate
+             b"[" * 5000 + b"]" * 5000: "invalid JSON",                                # no RecursionError
+             b'{"instruction": "i", "input": "", "output": "\xe6\x96"}': "not UTF-8 (byte 0xe6 at column 46)",
+             '{"instruction": "i", "input": "", "outptu": "好"}'.encode(): "output"}
+    for raw, want in cases.items():
+        p = parse_line(raw, "f.jsonl", 7)
+        assert isinstance(p, Problem) and str(p).startswith("f.jsonl:7: ") and want in str(p), (raw[:60], str(p))
+
+
+def test_prescreened_verdicts_equal_full(ctx):
+    """The filters' pre-screens (cheap checks that let a filter skip its rules for clean text) change no verdict:
+    every filter, screened and unscreened, on the reference, defect and held-out files and on random strings made
+    of the characters the rules look for."""
+    import random
+
+    from curate.filters import MARKDOWN, META_TALK, MOJIBAKE, PUNCT_RUN, TITLE_PREFIX, TRAD_IN_GB2312, WRAP
+    recs = [json.loads(x) for p in sorted(ROOT.glob("dataset/reference/*.jsonl"))
+            for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+    rnd = random.Random(11)
+    pattern_chars = {c for p in (MARKDOWN, META_TALK, MOJIBAKE, PUNCT_RUN, TITLE_PREFIX, TRAD_IN_GB2312, WRAP)
+                     for c in p.pattern if not c.isascii() or not c.isalnum()}
+    alphabet = sorted(pattern_chars | set("生日快乐祝福您你愿万事如意呀啦哈哦~！。，,!?:;.1２aZé錦鍓\u200d\ufe0f🎂🌟👨‍👩 \n\r\t\u3000\x1c\u2028"))
+    for k in range(20000):
+        base = recs[k % len(recs)]
+        text = "".join(rnd.choices(alphabet, k=rnd.randint(1, 24)))
+        if k % 3 == 0:  # a real greeting with a few characters spliced in
+            at = rnd.randrange(len(base["output"]) + 1)
+            text = base["output"][:at] + text[:3] + base["output"][at:]
+        recs.append(dict(base, output=text))
+    screened, full = Context(ctx.config), Context(ctx.config)
+    full.screen = False
+    fired = 0
+    for name, f in ALL.items():
+        f = f()
+        for r in recs:
+            got = [], []
+            for cx, out in ((screened, got[0]), (full, got[1])):
+                try:
+                    out.append(f.check(r, cx.resolve(r), cx))
+                except Exception as e:  # Skip: the same in both
+                    out.append(type(e).__name__)
+            assert got[0] == got[1], (name, r["output"], got)
+            fired += got[1][0] is not None and not isinstance(got[1][0], str)
+    assert fired > 20000  # the random strings do trip the rules
+
+
+def test_emoji_clusters_and_char_count_equal_grapheme_definition():
+    """emoji_list / without_emoji (one findall) and char_count's no-clustering path equal their definitions on
+    grapheme clusters (\\X): the clusters holding an Extended_Pictographic, the clusters that are not whitespace;
+    on every corpus text and on random strings of emoji, joiners, marks, flags, Hangul parts and whitespace."""
+    import random
+
+    import regex
+
+    from distillery.text import EMOJI, char_count, emoji_list, without_emoji
+
+    def clusters(t: str) -> list[str]:
+        return regex.findall(r"\X", t)
+
+    texts = [json.loads(x)["output"] for p in ROOT.glob("dataset/reference/*.jsonl")
+             for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+    alphabet = list("a生😀👍🏻\u200d\ufe0f\u20e3#1\u0301\u0903\u0600🇨🇳\r\n ©️✨👨‍👩‍👧\U0001F3FB\u0e33\u1100\u1161！"
+                    "\u11a8가각\t\x1c\u3000，")
+    rnd = random.Random(2)
+    texts += ["".join(rnd.choices(alphabet, k=rnd.randint(1, 12))) for _ in range(50000)]
+    for t in texts:
+        assert emoji_list(t) == [g for g in clusters(t) if EMOJI.search(g)], t
+        assert without_emoji(t) == "".join(g for g in clusters(t) if not EMOJI.search(g)), t
+        assert char_count(t) == sum(not g.isspace() for g in clusters(t)), t
+    assert emoji_list("爱你❤️👨‍👩‍👧🇨🇳") == ["❤️", "👨‍👩‍👧"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the patched method reaches workers by fork")
+def test_worker_error_surfaces_and_workers_end(tmp_path, monkeypatch):
+    import multiprocessing
+
+    import curate.pipeline as pl
+    data = tmp_path / "in.jsonl"
+    data.write_text("\n".join(_sample_lines(1)) + "\n", encoding="utf-8")
+    monkeypatch.setattr(pl, "BLOCK_BYTES", 8192)
+
+    def boom(self, path, entries):
+        raise ValueError(f"boom in worker at {path}")
+    monkeypatch.setattr(pl.Judge, "judge_lines", boom)
+    with pytest.raises(ValueError, match="boom in worker at"):
+        pl.run([str(data)], tmp_path / "out", CurateConfig(dedup_reference=""), workers=2)
+    assert multiprocessing.active_children() == []
+    assert not (tmp_path / "out" / "approved.jsonl").exists()  # no half result
