@@ -15,7 +15,8 @@ RELEASE_COMMANDS = {"release": cmd_release, "diff": cmd_diff, "export": cmd_expo
 EPILOG = """exit codes:
   0  done (bad lines, if any, are listed on stderr and kept in DIR/quarantine.jsonl)
   1  --strict and at least one bad line
-  2  usage error, unreadable config or recipe, or no valid record was read
+  2  usage error, unreadable config or recipe, no valid record was read, or DIR holds reviewed decisions
+     (from `curate review pull`; --force overwrites them)
 release / diff / export: see their --help"""
 
 
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--config", help="curate.toml (CurateConfig keys, optionally under [curate])")
     r.add_argument("--strict", action="store_true", help="exit 1 if any input line is bad")
+    r.add_argument("--force", action="store_true",
+                   help="overwrite DIR even if `curate review pull` has merged reviewers' decisions into it")
     r.add_argument("--workers", type=int, default=None, metavar="N",
                    help="processes for the per-record filters (0: none; default: up to 4 for inputs over 1 MiB); "
                         "results do not depend on it")
@@ -52,14 +55,18 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     from curate.filters import Context
-    from curate.pipeline import run
+    from curate.pipeline import ReviewedOutput, run
     try:
         config = load_config(args.config)
         ctx = Context(config)
     except (ConfigError, OSError, ValueError) as e:
         print(f"curate: {e}", file=sys.stderr)
         return 2
-    summary = run(args.inputs, args.out, config, ctx, workers=args.workers)
+    try:
+        summary = run(args.inputs, args.out, config, ctx, workers=args.workers, force=args.force)
+    except ReviewedOutput as e:
+        print(f"curate: {e}", file=sys.stderr)
+        return 2
     for p in summary.problems:
         print(str(p), file=sys.stderr)
     _table(summary)

@@ -52,6 +52,12 @@ class Context:
         self.input_re = regex.compile(
             rf"^\s*祝?(?P<recipient>.*?)(?P<wish>{alt(self.scene_of_wish)})\s*[,，]?\s*(?:(?P<style>{alt(self.styles)})风格)?")
         self.slang_re = regex.compile("|".join(regex.escape(s) for s in config.slang), regex.I) if config.slang else None
+        # A salutation at the start ("亲爱的妈妈…") or a vocative first clause ("老公，…") naming recipients
+        # (the recipe's, or a short form of one): who the text is addressed to, for the fit filter.
+        names = alt(set(self.relation_of) | set(ADDRESS_FORMS))
+        self.address_re = regex.compile(rf"^\s*(?:(?:{SALUTATION})\s*(?P<names>(?:{names})+)"
+                                        rf"|(?P<names>(?:{names})+)们?\s*[，,！!：:~、\s])")
+        self.address_name_re = regex.compile(names)
 
     def resolve(self, rec: dict) -> dict:
         meta = rec.get("meta") or {}
@@ -322,6 +328,11 @@ class FitFilter:
                     return Verdict(DOUBTFUL, f"names another occasion ({m.group()} → {other}) than {scene}")
                 if other == "康复" and scene not in ("康复",) and "病" not in m.group():
                     return Verdict(DOUBTFUL, f"names another occasion ({m.group()}) than {scene}")
+        recipient = info.get("recipient")
+        if recipient and (m := ctx.address_re.match(out)):
+            addressed = ctx.address_name_re.findall(m["names"])
+            if not any(_may_address(a, recipient, ctx) for a in addressed):
+                return Verdict(DOUBTFUL, f"addressed to {'、'.join(addressed)}, not {recipient}")
         if relation == "晚辈" and "您" in out:
             return Verdict(DOUBTFUL, "您 to a younger person")
         if relation in FORMAL:
@@ -335,6 +346,22 @@ class FitFilter:
             if m:
                 return Verdict(DOUBTFUL, f"{m.group()!r} is too formal for {relation}")
         return None
+
+
+SALUTATION = "亲爱的|最亲爱的|敬爱的|尊敬的|最爱的|致"   # not 我的: "我的女儿…" tells, it does not address
+# Short forms people address a recipient by → who they may address (besides the recipients whose name holds them)
+ADDRESS_FORMS = {"妈": {"妈妈"}, "老妈": {"妈妈"}, "爸": {"爸爸", "岳父"}, "老爸": {"爸爸"}, "姥姥": {"外婆"},
+                 "老师": {"王教授"}}
+SAME_PERSON = {"岳父": {"爸爸"}}   # a son-in-law calls his father-in-law 爸爸
+GENERIC_ADDRESS = {"领导": {"上级"}, "同事": {"同事"}, "合作伙伴": {"客户"}}   # anyone of these relations
+
+
+def _may_address(name: str, recipient: str, ctx) -> bool:
+    """Is `name`, found as the text's salutation, a way to address `recipient` (赵老师 ← 老师, 妈妈 ← 爸爸妈妈)?"""
+    return (name in recipient or recipient in name or recipient in ADDRESS_FORMS.get(name, ())
+            or name in SAME_PERSON.get(recipient, ())
+            or ctx.relation_of.get(recipient) in GENERIC_ADDRESS.get(name, ())       # 领导 to 李总
+            or ctx.relation_of.get(name) in GENERIC_ADDRESS.get(recipient, ()))      # 小刘 to 同事
 
 
 OFFICIALESE = re.compile(r"谨向|致以|崇高的敬意|值此.{0,8}之际.{0,10}(?:谨|致)|尊敬的(?:夫人|先生|女士)")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import glob
+import json
+import mmap
 import multiprocessing
 import os
 import signal
@@ -342,12 +344,43 @@ def default_workers(paths: list[str]) -> int:
     return 0 if size < SERIAL_BELOW else min(4, os.cpu_count() or 1)
 
 
+REVIEW_MARKER = "review.json"                  # written by `curate review pull` (curate/review/pull.py)
+REVIEW_KEY = b'"review":{"reviewer":'         # the provenance pull adds; a key, so never inside an escaped text
+
+
+class ReviewedOutput(Exception):
+    """The output folder holds decisions merged by `curate review pull`; a run would overwrite them."""
+
+
+def reviewed_decisions(out: Path) -> int:
+    """How many records in out carry reviewers' decisions (0: none). O(1) through pull's marker file; a folder
+    pulled before the marker existed is found by a byte search (no JSON parsing), counted only on a hit."""
+    marker = out / REVIEW_MARKER
+    if marker.exists():
+        try:
+            return int(json.loads(marker.read_text(encoding="utf-8")).get("reviewed", 1)) or 1
+        except (ValueError, AttributeError, OSError):
+            return 1   # a damaged marker still means a pull happened
+    n = 0
+    for name in ("approved", "rejected", "doubtful"):
+        path = out / f"{name}.jsonl"
+        if not path.is_file() or path.stat().st_size == 0:
+            continue
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            if m.find(REVIEW_KEY) >= 0:
+                n += m[:].count(REVIEW_KEY)
+    return n
+
+
 def run(inputs: list[str], out_dir: str | Path, config: CurateConfig, ctx: Context | None = None,
-        workers: Optional[int] = None) -> Summary:
+        workers: Optional[int] = None, force: bool = False) -> Summary:
+    out = Path(out_dir)
+    if not force and (n := reviewed_decisions(out)):
+        raise ReviewedOutput(f"{out} holds reviewed decisions ({n} records from `curate review pull`); "
+                             "use another --out, or --force to overwrite")
     ctx = ctx or Context(config)
     summary = Summary()
     chash = summary.config_hash = config.config_hash()
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     index = build_index(ctx) if "duplicates" in config.filters else None
     paths = expand(inputs)
@@ -381,5 +414,6 @@ def run(inputs: list[str], out_dir: str | Path, config: CurateConfig, ctx: Conte
         for p in summary.problems:
             f.write(dumps(p.to_quarantine()) + "\n")
     os.replace(out / ".quarantine.tmp", out / "quarantine.jsonl")
+    (out / REVIEW_MARKER).unlink(missing_ok=True)   # --force: the reviewed decisions are gone now
     write_report(out, build_report(summary, stats, paths, ctx))
     return summary

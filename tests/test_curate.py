@@ -72,6 +72,11 @@ CASES = [  # (filter, record, expected verdict)
     ("fit", rec("妈妈中秋快乐，月圆人团圆！", scene="春节"), "doubtful"),
     ("fit", rec("宝贝，祝您生日快乐！", relation="晚辈", recipient="女儿"), "doubtful"),
     ("fit", rec("哥们，生日快乐！", relation="上级", recipient="领导"), "doubtful"),
+    # addressed to another of the recipe's recipients: a salutation, or a vocative first clause
+    ("fit", rec("亲爱的妈妈生日快乐！谢谢您的教导。", recipient="赵老师", relation="师长"), "doubtful"),
+    ("fit", rec("老公，生日快乐！爱你哟。", recipient="闺蜜", relation="朋友"), "doubtful"),
+    ("fit", rec("尊敬的李总：生日快乐！", recipient="张经理", relation="上级"), "doubtful"),
+    ("fit", rec("老妈，生日快乐！", recipient="外婆"), "doubtful"),
     ("language", rec("Happy birthday，妈妈！"), "rejected"),
     ("language", rec("祝您生日快樂，萬事如意"), "rejected"),
     ("language", rec("ç¥ä½ ç生日"), "rejected"),
@@ -92,6 +97,16 @@ GOOD_CASES = [  # (filter, record): nothing to say
     ("constraint", rec("生日快乐，天天开心！", constraint=C3, relation="朋友", recipient="闺蜜")),
     ("fit", rec("除夕守岁，新春快乐！", scene="春节")),
     ("fit", GOOD),
+    ("fit", rec("老师，生日快乐！谢谢您的教导。", recipient="赵老师", relation="师长")),     # 赵老师 is a 老师
+    ("fit", rec("老师，生日快乐！谢谢您的教导。", recipient="王教授", relation="师长")),
+    ("fit", rec("老妈，生日快乐！", recipient="妈妈")),
+    ("fit", rec("爸爸妈妈，生日快乐！", recipient="妈妈")),                                # both parents
+    ("fit", rec("爸，生日快乐！愿您身体健康。", recipient="岳父")),                        # a son-in-law's 爸
+    ("fit", rec("领导，生日快乐！祝您万事顺意。", recipient="李总", relation="上级")),
+    ("fit", rec("小刘，生日快乐！", recipient="同事", relation="同事")),
+    ("fit", rec("孩子他妈，生日快乐！辛苦了。", recipient="老公", relation="伴侣")),        # mentions, not addressed
+    ("fit", rec("祝您和家人生日快乐，妈妈也身体健康！", recipient="李总", relation="上级")),
+    ("fit", rec("我的女儿长大了，生日快乐！", recipient="老公", relation="伴侣")),
     ("language", GOOD),
 ]
 
@@ -527,3 +542,32 @@ def test_worker_error_surfaces_and_workers_end(tmp_path, monkeypatch):
         pl.run([str(data)], tmp_path / "out", CurateConfig(dedup_reference=""), workers=2)
     assert multiprocessing.active_children() == []
     assert not (tmp_path / "out" / "approved.jsonl").exists()  # no half result
+
+
+def test_run_refuses_to_overwrite_reviewed_decisions(tmp_path, capsys):
+    from curate.pipeline import REVIEW_MARKER, reviewed_decisions
+    from curate.review.pull import write_review_marker
+    inputs = _mixed(tmp_path)
+    out = tmp_path / "out"
+    assert main(["run", *inputs, "--out", str(out)]) == 0
+    assert reviewed_decisions(out) == 0 and main(["run", *inputs, "--out", str(out)]) == 0  # plain re-run: fine
+    # what `curate review pull` leaves: a decided record with review provenance, and its marker
+    approved = [json.loads(x) for x in (out / "approved.jsonl").read_text().splitlines()]
+    approved[0]["meta"].setdefault("provenance", {})["review"] = {
+        "reviewer": "ann", "time": "2026-01-01T00:00:00Z", "decision": "approve", "annotation_id": 7}
+    (out / "approved.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n"
+                                                for r in approved))
+    before = (out / "approved.jsonl").read_bytes()
+    for with_marker in (False, True):   # without: a folder pulled before the marker existed
+        if with_marker:
+            write_review_marker(out, approved)
+            assert json.loads((out / REVIEW_MARKER).read_text())["reviewed"] == 1
+        capsys.readouterr()
+        assert main(["run", *inputs, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"curate: {out} holds reviewed decisions (1 records from `curate review pull`); "
+                       "use another --out, or --force to overwrite")
+        assert (out / "approved.jsonl").read_bytes() == before
+    assert main(["run", *inputs, "--out", str(out), "--force"]) == 0
+    assert (out / "approved.jsonl").read_bytes() != before and not (out / REVIEW_MARKER).exists()
+    assert reviewed_decisions(out) == 0 and main(["run", *inputs, "--out", str(out)]) == 0

@@ -10,6 +10,8 @@ comes out *rejected* (hard rule broken: length cap, forbidden phrase, ...) the r
 """
 from __future__ import annotations
 
+import json
+import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,7 +160,20 @@ def pull(ls, project, into: Path) -> Outcome:
     write_jsonl_atomic(into / "approved.jsonl", approved)
     write_jsonl_atomic(into / "rejected.jsonl", rejected)
     write_jsonl_atomic(into / "doubtful.jsonl", keep)
+    write_review_marker(into, approved + rejected + keep)
     return res
+
+
+def write_review_marker(into: Path, records: list[dict]) -> None:
+    """DIR/review.json: how many records carry reviewers' decisions, so `curate run --out DIR` can refuse to
+    overwrite them without reading the files (curate.pipeline.reviewed_decisions). Atomic, like the files."""
+    from curate.pipeline import REVIEW_MARKER   # lazy, like _recheck: the pipeline's imports are heavy
+    n = sum(1 for r in records if ((r.get("meta") or {}).get("provenance") or {}).get("review"))
+    if not n:
+        return
+    tmp = into / "review.json.tmp"
+    tmp.write_text(json.dumps({"reviewed": n, "by": "curate review pull"}) + "\n", encoding="utf-8")
+    os.replace(tmp, into / REVIEW_MARKER)
 
 
 @dataclass
