@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
+import orjson
+
 DEFAULT_BASE_URL = "https://api.openai.com/v1"  # the SDK's default when OPENAI_BASE_URL is unset
 TRANSPORTS = ("aiohttp", "sdk")
 
@@ -105,7 +107,7 @@ def classify_status(status: int, headers: Mapping[str, str], message: str = "") 
 def parse_reply(raw: bytes) -> Reply:
     """A chat.completion body → Reply; anything that is not one is Retryable (a proxy hiccup, a cut body)."""
     try:
-        obj = json.loads(raw)
+        obj = orjson.loads(raw)  # ~5x faster than json.loads on a reply; invalid UTF-8 is a JSONDecodeError too
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
         raise Retryable(f"malformed response ({type(e).__name__})") from None
     choices = obj.get("choices") if isinstance(obj, dict) else None
@@ -175,8 +177,7 @@ class AiohttpTransport:
             timeout=aiohttp.ClientTimeout(total=timeout))
 
     def encode(self, messages: list[dict]) -> bytes:
-        return json.dumps({"model": self.model, "messages": messages, **self.params},
-                          ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return orjson.dumps({"model": self.model, "messages": messages, **self.params})  # compact UTF-8
 
     async def complete(self, messages: list[dict], prompt_id: str) -> Reply:
         aiohttp = self._aiohttp

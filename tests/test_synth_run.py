@@ -301,8 +301,8 @@ def test_aimd_gate_halves_on_a_burst_of_429_not_on_a_lone_one():
             g.succeeded()
         g.pushed_back()  # one random 429 among successes: no cut
         assert g.limit == 64
-        for _ in range(8):
-            g.pushed_back()  # a burst (>= 25% of the last second's responses): one halving, not eight
+        for _ in range(16):
+            g.pushed_back()  # a burst (>= 30% of the recent responses, at least 50 seen): one halving, not sixteen
         assert g.limit == 32
         for _ in range(8):
             g.succeeded()  # additive increase: +1 per 4 successes
@@ -333,12 +333,39 @@ def test_aimd_gate_caps_in_flight_and_a_burst_pauses_everyone_once():
         waiter.cancel()  # a cancelled waiter must not leak or steal a slot
         await asyncio.gather(*jobs)
         assert peak == 2 and g.in_flight == 0
-        for _ in range(3):  # a burst of 429s with Retry-After 0.3 s: new requests hold off once, for everyone
+        for _ in range(14):  # a few 429s at the start are not yet evidence of a limit: nobody is held
             g.pushed_back(0.3)
+        assert g.limit == 2
+        t0 = time.monotonic()
+        await asyncio.gather(job(), job())
+        assert time.monotonic() - t0 < 0.2
+        g.pushed_back(0.3)  # a 15th (30% of the minimum evidence of 50): a burst of 429s with Retry-After 0.3 s
         t0 = time.monotonic()
         await asyncio.gather(job(), job())
         assert 0.28 <= time.monotonic() - t0 < 1.0
         assert g.limit == 1
+    asyncio.run(go())
+
+
+def test_random_429s_never_pause_everyone_but_a_real_limit_does():
+    import asyncio
+    import random as rnd
+
+    from synth.run import AIMDGate
+
+    async def go():
+        rng = rnd.Random(7)
+        g = AIMDGate(256)
+        for _ in range(20000):  # the bench's fault mix: ~9% push-back (5% 429, 2% 500, 2% dropped), at random
+            if rng.random() < 0.09:
+                g.pushed_back(1.0)
+            else:
+                g.succeeded()
+        assert g.limit == 256 and g._resume_at == 0.0
+        for _ in range(50):  # a real limit: about half the answers are 429s
+            g.pushed_back(1.0)
+            g.succeeded()
+        assert g.limit == 128 and g._resume_at > time.monotonic() + 0.5
     asyncio.run(go())
 
 
