@@ -156,7 +156,6 @@ def test_duplicates_in_pipeline_and_examples(ctx):
     assert "recipe-example" in out[2]["curation"]["reasons"][-1]["detail"]
 
 
-@pytest.mark.skipif(not DEFECTS.exists(), reason="defects.jsonl not built")
 def test_every_defect_kind_caught(ctx):
     from curate.pipeline import build_index
     recs = [json.loads(x) for x in DEFECTS.read_text(encoding="utf-8").splitlines() if x.strip()]
@@ -168,7 +167,6 @@ def test_every_defect_kind_caught(ctx):
     assert len(missed) <= 0.05 * len(out), missed
 
 
-@pytest.mark.skipif(not BLESSINGS.exists(), reason="blessings.jsonl not built")
 def test_reference_blessings_mostly_pass(ctx):
     from curate.pipeline import build_index
     c = CurateConfig(recipe=ctx.config.recipe, dedup_reference="")

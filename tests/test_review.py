@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from distillery.record import dumps
-from curate.review import AuthError, ReviewConfig
+from curate.review import ReviewConfig
 from curate.review.client import connect, get_project
 from curate.review.labeling import result_for
 from curate.review.pull import pull, status

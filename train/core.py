@@ -110,7 +110,7 @@ def collator(preset: str | TrainConfig, tokenizer):
     """reference/lean: pad to the longest in the batch. fast: padding-free packing, one row per batch with
     position_ids restarting per sample; transformers turns that into a block-diagonal causal mask (sdpa/eager/
     flex) or varlen flash attention, so no attention crosses samples (tested: packed == unpacked logits)."""
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+    from transformers import DataCollatorForSeq2Seq
     cfg = preset if isinstance(preset, TrainConfig) else preset_config(preset)
     if cfg.packing:
         return _PackingCollator()
