@@ -102,6 +102,10 @@ def read_sources(srcs: list[str]) -> Sources:
         elif p.exists():
             path = p
             records = _read_all(path)
+            uncurated = sum(1 for r in records if _verdict(r) is None)
+            if uncurated:  # never drop them silently: they were simply not judged yet
+                raise ReleaseError(f"{p}: {uncurated} of {len(records)} records have no curation verdict; "
+                                   f"run `python -m curate run {p} --out DIR` and release DIR")
             taken = [r for r in records if _verdict(r) == "approved"]
             others = [r for r in records if _verdict(r) == "rejected"]
             curated_from = []

@@ -147,6 +147,8 @@ def test_cli_immutability_and_one_line_errors(curated, root, tmp_path):
         (["release", nofield, "--name", "v2", "--root", root], f"{nofield}:1: output: missing field"),
         (["release", curated, "--name", "a/b", "--root", root], "invalid release name"),
         (["release", curated / "doubtful.jsonl", "--name", "v2", "--root", root], "no approved records"),
+        (["release", ROOT / "dataset/reference/blessings.jsonl", "--name", "v2", "--root", root],
+         "618 of 618 records have no curation verdict"),
         (["release", curated, "--name", "v2", "--root", root, "--parent", "v0"], "no such release: v0"),
         (["diff", "v1", "v9", "--root", root], "no such release: v9"),
         (["export", "v9", "--format", "hf", "--root", root], "no such release: v9"),
