@@ -6,7 +6,8 @@ one self-contained file: hand-written SVG and inline CSS, no scripts, no externa
 matplotlib because the axes are Chinese scene names and the browser has CJK fonts where matplotlib may not.
 
 report.json keys:
-    inputs, config_hash, counts {verdict: n}, valid, bad_lines, bad_line_examples [first "file:line: what"],
+    inputs, config_hash, config {CurateConfig field: value}, counts {verdict: n}, valid, bad_lines,
+    bad_line_examples [first "file:line: what"],
     filters {filter: {rejected, doubtful, skipped}}  (a sample flagged by two filters counts under both),
     scene_style {scenes, styles, cells: [{scene, style, approved, doubtful, rejected}]}  (scene/style from meta,
         else parsed from `input` with the recipe, else "(unknown)"),
@@ -14,10 +15,13 @@ report.json keys:
         [k·bin_width, (k+1)·bin_width), the last bin open-ended from 2·cap; cap null: records without max_chars),
     top_reasons [{filter, reason, count, examples: [{id, detail, output}]}]  (reason: the detail with its
         numbers, quotes and names folded, see reason_kind).
+    review {approved, edited, rejected, edit_failed, pending, conflicts, pulled_at, config}  (only after
+        `curate review pull`, which recounts the rest from the files: see rebuild_report).
 The cells of scene_style and each histogram add up to counts.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import html
 import json
@@ -28,6 +32,7 @@ from typing import Callable, Optional
 
 import regex
 
+from distillery.io import Located, read_records
 from distillery.record import VERDICTS
 from distillery.text import char_count
 
@@ -378,6 +383,16 @@ def _legend(names: tuple[str, ...]) -> str:
                                           for n in names) + "</div>"
 
 
+def _review_line(review: Optional[dict]) -> str:
+    if not review:
+        return ""
+    return (f'<div class=muted>after review ({e(str(review.get("pulled_at", "")))}): '
+            f'{review.get("approved", 0)} approved, '
+            f'{review.get("edited", 0)} approved with edit, {review.get("rejected", 0)} rejected, '
+            f'{review.get("edit_failed", 0)} edits failed re-check, {review.get("pending", 0)} pending, '
+            f'{review.get("conflicts", 0)} conflicts</div>')
+
+
 def render_html(report: dict) -> str:
     """report.html from report.json alone: one file, inline SVG and CSS, every piece of user data escaped."""
     counts, bad = report["counts"], report.get("bad_lines", 0)
@@ -406,6 +421,7 @@ def render_html(report: dict) -> str:
 <h1>curate report</h1>
 <div class=muted>config <code title="{e(report.get("config_hash", ""))}">{e(report.get("config_hash", "")[:12])}</code>
  · {len(report.get("inputs", []))} input file(s) · filters skipped for missing meta: {skipped_html}</div>
+{_review_line(report.get("review"))}
 <div class=cards>{cards_html}</div>
 <section>{svg_verdict_bar(counts, bad)}</section>
 <section><h2>Verdicts by filter</h2>
@@ -445,8 +461,40 @@ def build_report(summary, stats: ReportStats, inputs: list[str], ctx=None) -> di
         "bad_line_examples": [str(p) for p in summary.problems[:BAD_LINE_EXAMPLES]],
         "filters": {k: dict(sorted(v.items())) for k, v in sorted(summary.by_filter.items())},
     }
+    if ctx is not None:   # the resolved config, so `curate review pull` can re-check edits by the same rules
+        report["config"] = dataclasses.asdict(ctx.config)
     report.update(stats.to_json([s["name"] for s in recipe.get("scenes", [])],
                                 [s["name"] for s in recipe.get("styles", [])]))
+    return report
+
+
+def rebuild_report(out_dir: Path, old: dict, extra: dict, resolve: Optional[Callable[[dict], dict]] = None,
+                   scene_order: list[str] = (), style_order: list[str] = ()) -> dict:
+    """report.json recounted from out_dir's approved/doubtful/rejected.jsonl as they are now (after `curate review
+    pull` moved records), streamed through ReportStats. From `old` (the run's report) it keeps what the files cannot
+    tell: inputs, config, bad lines and the per-filter counts (the curator's verdicts, skipped included). `extra`
+    (e.g. the review block) is added on top."""
+    stats, counts = ReportStats(resolve), Counter()
+    for verdict in VERDICTS:
+        path = out_dir / f"{verdict}.jsonl"
+        if not path.exists():
+            continue
+        for item in read_records(path):
+            if not isinstance(item, Located):
+                continue   # the caller has read these files whole already; an empty file is the only non-record
+            rec = item.record
+            rec["curation"] = {"reasons": [], **(rec.get("curation") or {}), "verdict": verdict}   # the file decides
+            edited = ((rec.get("meta") or {}).get("provenance") or {}).get("original_output") is not None
+            # an edited text's length reasons were about the old text: count its 字数 afresh
+            stats.add(rec, char_count(rec["output"]) if edited else None)
+            counts[verdict] += 1
+    report = {k: old[k] for k in ("inputs", "config_hash", "config", "bad_lines", "bad_line_examples", "filters")
+              if k in old}
+    report.setdefault("inputs", [])
+    report.setdefault("config_hash", "")
+    report.update({"counts": {v: counts.get(v, 0) for v in VERDICTS}, "valid": sum(counts.values())})
+    report.update(stats.to_json(scene_order, style_order))
+    report.update(extra)
     return report
 
 

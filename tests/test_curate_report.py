@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import pytest
 from curate import CurateConfig
 from curate.filters import Context
 from curate.pipeline import run
-from curate.report import MAX_REASON_KINDS, TOP_REASONS, UNKNOWN, ReportStats, reason_kind, render_html
+from curate.report import (MAX_REASON_KINDS, TOP_REASONS, UNKNOWN, ReportStats, reason_kind, rebuild_report,
+                           render_html, write_report)
 from distillery.record import VERDICTS
 from distillery.text import char_count
 
@@ -116,6 +118,34 @@ def test_aggregates_match_the_written_files(curated):
             assert any(x["filter"] == t["filter"] and x["detail"] == ex["detail"] for x in r["curation"]["reasons"])
     kinds = {(t["filter"], t["reason"]) for t in rep["top_reasons"]}
     assert ("length", "fragment") in kinds and ("duplicates", "exact duplicate of …") in kinds
+
+
+def test_report_records_the_config(curated):
+    _, _, rep, _ = curated
+    assert CurateConfig(**rep["config"]).config_hash() == rep["config_hash"]
+
+
+def test_rebuild_recounts_the_files_and_keeps_the_run_fields(curated, tmp_path):
+    """What `curate review pull` does after moving records: counts come from the files, run facts stay."""
+    out, _, rep, _ = curated
+    d = tmp_path / "folder"
+    shutil.copytree(out, d)
+    doubtful = (d / "doubtful.jsonl").read_text(encoding="utf-8").splitlines()
+    moved, kept = doubtful[:2], doubtful[2:]
+    (d / "doubtful.jsonl").write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+    with open(d / "approved.jsonl", "a", encoding="utf-8") as f:
+        f.write("".join(x + "\n" for x in moved))
+    new = rebuild_report(d, rep, {"review": {"approved": 2}})
+    write_report(d, new)
+    lines = {v: len((d / f"{v}.jsonl").read_text(encoding="utf-8").splitlines()) for v in VERDICTS}
+    assert new["counts"] == lines and lines["approved"] == rep["counts"]["approved"] + 2
+    assert new["valid"] == rep["valid"]
+    assert sum(c[v] for c in new["scene_style"]["cells"] for v in VERDICTS) == new["valid"]
+    assert sum(sum(h[v]) for h in new["lengths"] for v in VERDICTS) == new["valid"]
+    for key in ("inputs", "config_hash", "config", "bad_lines", "bad_line_examples", "filters"):
+        assert new[key] == rep[key]
+    assert json.loads((d / "report.json").read_text(encoding="utf-8"))["review"] == {"approved": 2}
+    assert "after review" in (d / "report.html").read_text(encoding="utf-8")
 
 
 def test_reason_kind_folds_the_variable_parts():

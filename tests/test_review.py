@@ -29,7 +29,7 @@ from distillery.record import dumps
 from curate.review import ReviewConfig
 from curate.review.client import connect, get_project
 from curate.review.labeling import result_for
-from curate.review.pull import pull, status
+from curate.review.pull import _context, _recheck, folder_config, pull, status
 from curate.review.push import existing_ids, push
 from curate.review.server import alive, running, serve
 
@@ -119,6 +119,7 @@ def test_round_trip(server, ls, tmp_path):
     r = _cli("pull", "--project", PROJECT, "--into", str(d), "--data-dir", str(cfg.data_dir))
     assert r.returncode == 0, r.stderr
     assert "approved 1, approved with edit 1, rejected 1, edit failed re-check 1, conflicts 1, pending 1" in r.stdout
+    assert "re-checked with CurateConfig defaults (no report.json)" in r.stdout
 
     read = lambda name: [json.loads(x) for x in (d / name).read_text(encoding="utf-8").splitlines()]  # noqa: E731
     approved, rejected, doubtful = read("approved.jsonl"), read("rejected.jsonl"), read("doubtful.jsonl")
@@ -136,6 +137,12 @@ def test_round_trip(server, ls, tmp_path):
     assert d2["curation"]["reasons"][-1]["filter"] == "review" and "length" in d2["curation"]["reasons"][-1]["detail"]
     assert d2["meta"]["provenance"]["original_output"] == recs[2]["output"]
     assert "conflict d4:" in r.stdout
+    # report.json/html recounted from the files, with the review block
+    report = json.loads((d / "report.json").read_text(encoding="utf-8"))
+    assert report["counts"] == {"approved": len(approved), "doubtful": len(doubtful), "rejected": len(rejected)}
+    assert {k: v for k, v in report["review"].items() if k not in ("pulled_at", "config")} == \
+        {"approved": 1, "edited": 1, "rejected": 1, "edit_failed": 1, "pending": 1, "conflicts": 1}
+    assert report["review"]["pulled_at"] and "after review" in (d / "report.html").read_text(encoding="utf-8")
 
     before = {n: (d / n).read_bytes() for n in ("approved.jsonl", "rejected.jsonl", "doubtful.jsonl")}
     again = pull(ls, project, d)
@@ -145,6 +152,30 @@ def test_round_trip(server, ls, tmp_path):
     st = status(ls, project)
     assert (st.tasks, st.reviewed, st.pending, len(st.conflicts)) == (6, 4, 1, 1)
     assert len(st.per_reviewer) == 2
+
+
+def test_edit_recheck_uses_the_folders_config(tmp_path):
+    """No server needed: a folder curated with fragment_min_chars = 40 (--config TOML) flags an edit of 33 字 that
+    the defaults pass."""
+    from curate.config import load_config
+    from curate.pipeline import run
+    toml = tmp_path / "curate.toml"
+    toml.write_text("fragment_min_chars = 40\n", encoding="utf-8")
+    src = tmp_path / "in.jsonl"
+    rec = {k: v for k, v in _rec(0, 0).items() if k != "curation"}
+    src.write_text(dumps(rec) + "\n", encoding="utf-8")
+    run([str(src)], tmp_path / "out", load_config(toml), workers=0)
+    report = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
+    assert report["config"]["fragment_min_chars"] == 40
+
+    edited = {**rec, "output": GOOD}
+    cfg, source = folder_config(report)
+    assert source == "the folder's config (report.json)" and cfg.fragment_min_chars == 40
+    [why] = _recheck([edited], _context(cfg))
+    assert why and why.startswith("length: fragment")
+    defaults, source = folder_config({}, "no report.json")
+    assert source == "CurateConfig defaults (no report.json)"
+    assert _recheck([edited], _context(defaults)) == [None]
 
 
 def test_bad_token_is_one_line(server):

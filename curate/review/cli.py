@@ -106,7 +106,8 @@ def cmd_pull(a) -> int:
     ls = connect(_cfg(a))
     o = pull(ls, get_project(ls, a.project), Path(a.into))
     print(f"approved {o.approved}, approved with edit {o.edited}, rejected {o.rejected}, edit failed re-check "
-          f"{o.edit_failed}, conflicts {len(o.conflicts)}, pending {o.pending}")
+          f"{o.edit_failed}, conflicts {len(o.conflicts)}, pending {o.pending}; edits re-checked with "
+          f"{o.config_source}")
     for sid, who in o.conflicts:
         print(f"conflict {sid}: {' '.join(who)}")
     return 0

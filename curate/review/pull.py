@@ -4,16 +4,21 @@ Rule for several annotations on one task: cancelled (skipped) ones are ignored; 
 counts; if the reviewers' latest decisions differ (or two edits give different texts) the task is a *conflict* and
 the record stays doubtful (listed by `status`); otherwise the latest one wins.
 
-An edit is re-checked by the curator (curate.pipeline.curate_records with the default CurateConfig); if it
-comes out *rejected* (hard rule broken: length cap, forbidden phrase, ...) the record stays doubtful with a
+An edit is re-checked by the curator (curate.pipeline.curate_records) with the config the folder was curated with
+(`config` in DIR/report.json; CurateConfig defaults for folders whose report lacks it, and the summary says so); if
+it comes out *rejected* (hard rule broken: length cap, forbidden phrase, ...) the record stays doubtful with a
 `review` reason. Doubtful-level signals do not block it: a human has just read the text.
+
+Then DIR/report.json and report.html are recounted from the three files, with a `review` block.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from distillery.io import Located, read_records, write_jsonl_atomic
@@ -33,6 +38,7 @@ class Outcome:
     conflicts: list = field(default_factory=list)
     pending: int = 0
     unchanged: int = 0
+    config_source: str = ""   # where the re-check's config came from, for the summary line
 
 
 def _reviewer(a: dict) -> str:
@@ -54,23 +60,50 @@ def decide(annotations: list[dict]):
     return "decided", max(latest.values(), key=lambda ap: (str(ap[0].get("updated_at")), ap[0]["id"]))
 
 
-def _recheck(recs: list[dict]) -> list[str | None]:
-    """Per edited record: None if it passes the curator, else why not. One curator pass for all of them."""
+def _old_report(into: Path) -> tuple[dict, str]:
+    """DIR/report.json as `curate run` wrote it ({} if absent or unreadable), and why it is {} ("" if it is not)."""
+    path = into / "report.json"
+    if not path.exists():
+        return {}, "no report.json"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}, "report.json unreadable"
+    return (report, "") if isinstance(report, dict) else ({}, "report.json unreadable")
+
+
+def folder_config(report: dict, why_none: str = "") -> tuple:
+    """(CurateConfig, where it came from): the config recorded in the folder's report.json, else the defaults."""
+    from curate.config import CurateConfig
+    recorded = report.get("config")
+    if not isinstance(recorded, dict):
+        return CurateConfig(), f"CurateConfig defaults ({why_none or 'report.json records no config'})"
+    known = {f.name for f in dataclasses.fields(CurateConfig)}
+    # keys a later version dropped are ignored; ones it added take their defaults
+    return CurateConfig(**{k: v for k, v in recorded.items() if k in known}), "the folder's config (report.json)"
+
+
+def _context(cfg):
+    from curate.filters import Context
+    try:
+        return Context(cfg)
+    except OSError as e:
+        raise ReviewError(f"cannot read the recipe {cfg.recipe!r} named by the folder's config: {e.strerror}") from None
+
+
+def _recheck(recs: list[dict], ctx) -> list[str | None]:
+    """Per edited record: None if it passes the curator (ctx: curate.filters.Context of the folder's config), else
+    why not. One curator pass for all of them."""
     if not recs:
         return []
-    from curate.config import CurateConfig
-    from curate.filters import Context
     from curate.pipeline import Summary, curate_records
-    cfg = CurateConfig()
-    if not Path(cfg.recipe).exists():   # default is relative to the repo root; make it cwd-independent
-        cfg.recipe = str(Path(__file__).resolve().parents[2] / cfg.recipe)
     fresh = []
     for rec in recs:
         r = dict(rec)
         r.pop("curation", None)
         fresh.append(r)
     why = {}   # keyed by object: the curator yields the records it was given, not necessarily in order
-    for r in curate_records(fresh, Context(cfg), Summary(), None):
+    for r in curate_records(fresh, ctx, Summary(), None):
         cur = r["curation"]
         why[id(r)] = None if cur["verdict"] != "rejected" else \
             "; ".join(f"{x['filter']}: {x['detail']}" for x in cur["reasons"]) or "rejected"
@@ -141,7 +174,10 @@ def pull(ls, project, into: Path) -> Outcome:
                 rec["output"] = text
             edits.append((rec, bool(text)))
     # edits are re-checked together: the curator's set-up (recipe, regexes) costs more than judging one record
-    checked = iter(_recheck([rec for rec, has_text in edits if has_text]))
+    old_report, why_none = _old_report(into)
+    cfg, res.config_source = folder_config(old_report, why_none)
+    ctx = _context(cfg)
+    checked = iter(_recheck([rec for rec, has_text in edits if has_text], ctx))
     for rec, has_text in edits:
         why = next(checked) if has_text else "empty edited text"
         if why:
@@ -161,7 +197,30 @@ def pull(ls, project, into: Path) -> Outcome:
     write_jsonl_atomic(into / "rejected.jsonl", rejected)
     write_jsonl_atomic(into / "doubtful.jsonl", keep)
     write_review_marker(into, approved + rejected + keep)
+    _refresh_report(into, old_report, res, ctx, review_counts(approved, rejected, keep))
     return res
+
+
+def review_counts(approved: list[dict], rejected: list[dict], doubtful: list[dict]) -> dict:
+    """Reviewers' decisions the folder holds, this pull's and earlier ones' (from each record's provenance)."""
+    def decision(r):
+        return (((r.get("meta") or {}).get("provenance") or {}).get("review") or {}).get("decision")
+    n = Counter(decision(r) for r in approved)
+    return {"approved": n["approve"], "edited": n["approve-with-edit"],
+            "rejected": sum(1 for r in rejected if decision(r) == "reject"),
+            "edit_failed": sum(1 for r in doubtful if decision(r) == "approve-with-edit")}
+
+
+def _refresh_report(into: Path, old: dict, res: Outcome, ctx, counts: dict) -> None:
+    """report.json/html recounted from the files just written (atomically, like them)."""
+    from curate.report import rebuild_report, write_report
+    review = {**counts, "pending": res.pending, "conflicts": len(res.conflicts),
+              "pulled_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "config": res.config_source}
+    recipe = ctx.recipe
+    write_report(into, rebuild_report(into, old, {"review": review}, ctx.resolve,
+                                      [x["name"] for x in recipe.get("scenes", [])],
+                                      [x["name"] for x in recipe.get("styles", [])]))
 
 
 def write_review_marker(into: Path, records: list[dict]) -> None:
