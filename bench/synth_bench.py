@@ -159,7 +159,7 @@ def throughput(a: argparse.Namespace) -> None:
 def big_recipe(n: int, folder: Path) -> Path:
     """A copy of blessing.toml whose per_cell quota gives at least n prompts (the shipped defaults stay)."""
     text = RECIPE.read_text(encoding="utf-8")
-    active = sum(1 for c in cells(load_recipe(RECIPE)) if c.recipients and c.quota > 0)
+    active = sum(1 for c in cells(load_recipe(RECIPE)) if c.sampled)
     per_cell = math.ceil(n / active)
     text, k = re.subn(r"(?m)^per_cell\s*=\s*\d+", f"per_cell = {per_cell}", text, count=1)
     assert k == 1, "per_cell not found in the recipe"

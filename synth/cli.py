@@ -125,7 +125,7 @@ def summarize(recipe, seed: int | None = None, limit: int | None = None, show: i
                 k: m[k] for k in ("scene", "style", "recipient", "relation", "max_chars", "examples")}})
     all_cells = cells(recipe)
     excluded = [{"scene": c.scene.name, "style": c.style.name, "why": c.excluded_by or "quota 0"}
-                for c in all_cells if not c.recipients or c.quota == 0]
+                for c in all_cells if not c.sampled]
     partial = sum(1 for c in all_cells if c.recipients and len(c.recipients) < len(recipe.recipients))
     pairs_out = sum(len(recipe.recipients) - len(c.recipients) for c in all_cells)
     return {

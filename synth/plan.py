@@ -39,6 +39,11 @@ class Cell:
     quota: int
     excluded_by: str = ""             # why the whole cell is out ('' when it is sampled)
 
+    @property
+    def sampled(self) -> bool:
+        """The plan draws from this cell: some recipient is allowed and the quota is positive."""
+        return bool(self.recipients) and self.quota > 0
+
 
 def cells(recipe: Recipe) -> list[Cell]:
     """All scene × style cells in recipe order, with the recipients allowed in each and its quota."""
@@ -115,7 +120,7 @@ def iter_plan(recipe: Recipe, seed: int | None = None, limit: int | None = None)
         seed = recipe.sampling.seed
     if limit is not None and limit < 0:
         raise ValueError("limit must be >= 0")
-    active = [_CellSampler(recipe, c, seed) for c in cells(recipe) if c.recipients and c.quota > 0]
+    active = [_CellSampler(recipe, c, seed) for c in cells(recipe) if c.sampled]
     emitted = 0
     while active:
         still = []

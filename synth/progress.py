@@ -67,20 +67,22 @@ def live_panel(s: Snapshot):
 
 async def show(snapshot: Callable[[], Snapshot], out: TextIO | None = None, plain_every: float = 2.0,
                live_every: float = 0.5) -> None:
-    """Runs until cancelled. The live panel is refreshed from this coroutine (no rich refresh thread competing
-    with the event loop for the GIL); a refresh every 0.5 s is plenty for a human."""
+    """Runs until cancelled, then shows the final state once more. The live panel is refreshed from this coroutine
+    (no rich refresh thread competing with the event loop for the GIL); a refresh every 0.5 s is plenty for a human."""
     out = out or sys.stdout
-    if out.isatty():
-        from rich.console import Console
-        from rich.live import Live
-        with Live(live_panel(snapshot()), console=Console(file=out), auto_refresh=False,
-                  transient=False) as live:
-            try:
-                while True:
-                    await asyncio.sleep(live_every)
-                    live.update(live_panel(snapshot()), refresh=True)
-            finally:  # the last state stays on screen
+    if not out.isatty():
+        try:
+            while True:
+                await asyncio.sleep(plain_every)
+                print(plain_line(snapshot()), file=out, flush=True)
+        finally:  # the final line, so a log always ends with the run's totals
+            print(plain_line(snapshot()), file=out, flush=True)
+    from rich.console import Console
+    from rich.live import Live
+    with Live(live_panel(snapshot()), console=Console(file=out), auto_refresh=False, transient=False) as live:
+        try:
+            while True:
+                await asyncio.sleep(live_every)
                 live.update(live_panel(snapshot()), refresh=True)
-    while True:
-        await asyncio.sleep(plain_every)
-        print(plain_line(snapshot()), file=out, flush=True)
+        finally:  # the last state stays on screen
+            live.update(live_panel(snapshot()), refresh=True)

@@ -605,9 +605,6 @@ class Engine:
                 await prog
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
-        out = self.progress_out or sys.stdout
-        if not out.isatty():
-            print(progress.plain_line(self.snapshot()), file=out, flush=True)
         if self.stopping == "auth":
             return EXIT_AUTH
         if self.stopping == "interrupted":
@@ -710,16 +707,12 @@ def main(args: argparse.Namespace) -> int:
     if not key:
         _err("no API key: set OPENAI_API_KEY or pass --api-key-file")
         return EXIT_BAD_ARGS
-    try:
-        from synth.plan import cells, iter_plan
-        from synth.recipe import RecipeError, load_recipe
-    except ImportError as e:
-        _err(f"synth.recipe / synth.plan not available ({e})")
-        return EXIT_BAD_ARGS
+    from synth.plan import cells, iter_plan
+    from synth.recipe import RecipeError, load_recipe
     try:
         recipe = load_recipe(args.recipe)
         plan = iter_plan(recipe, args.seed, args.limit)
-        total = sum(c.quota for c in cells(recipe) if c.recipients and c.quota > 0)  # for the ETA
+        total = sum(c.quota for c in cells(recipe) if c.sampled)  # for the ETA
         if args.limit is not None:
             total = min(total, args.limit)
     except RecipeError as e:
