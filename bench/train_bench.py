@@ -18,6 +18,7 @@ count of label tokens (then x world size, as DDP averages gradients), so 1 and N
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -143,7 +144,7 @@ class Dist:
 
 
 def bench_preset(name: str, args, torch, device, dist: Dist) -> dict:
-    from train.core import compile_decoder_layers, per_device_batch, prepare_model
+    from train.core import _device_and_dtype, compile_decoder_layers, per_device_batch, prepare_model
     cpu = device.type == "cpu"
     cfg = preset_for(name, cpu)
     cfg = replace(cfg, batch_size=min(cfg.batch_size, args.global_batch),
@@ -151,7 +152,7 @@ def bench_preset(name: str, args, torch, device, dist: Dist) -> dict:
     micro, accum = per_device_batch(cfg, dist.world)
     per_gpu = micro * accum
     mc = model_config(args.tiny)
-    dtype = torch.float32 if cpu else (torch.float16 if cfg.preset == "reference" else torch.bfloat16)
+    _, dtype = _device_and_dtype(cfg)  # the dtype `python -m train run` trains in
     if not cpu:
         torch.cuda.reset_peak_memory_stats(device)
     model = build_model(torch, mc, device, dtype)
@@ -181,8 +182,8 @@ def bench_preset(name: str, args, torch, device, dist: Dist) -> dict:
         loss_sum = torch.zeros((), device=device)
         for i, b in enumerate(batches):
             sync_grads = dist.world == 1 or i == len(batches) - 1
-            ctx = model.no_sync() if not sync_grads else _null()
-            with ctx, (amp() if amp else _null()):
+            ctx = model.no_sync() if not sync_grads else contextlib.nullcontext()
+            with ctx, (amp() if amp else contextlib.nullcontext()):
                 loss = model(**b, num_items_in_batch=items).loss
             (loss * dist.world).backward()  # DDP averages gradients over processes; undo that
             loss_sum += loss.detach().float()
@@ -236,14 +237,6 @@ def _dynamo_stats(torch) -> dict:
     """Cumulative compile counters of this process (a recompile mid-run shows up as more unique graphs)."""
     from torch._dynamo.utils import counters
     return dict(counters["stats"])
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 PROFILE_STEPS = 3

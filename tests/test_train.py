@@ -206,12 +206,12 @@ def test_cuda_oom_becomes_one_line_naming_preset_and_batch_size():
     for preset, bs, accum, want in (("reference", 8, 2, "--batch-size 4 --grad-accum 4 (same effective batch)"),
                                     ("fast", 8, 1, "--preset lean"), ("lean", 1, 4, "a GPU with more memory")):
         with pytest.raises(train.TrainError) as e:
-            with core.explain_oom(train.preset_config(preset, batch_size=bs, grad_accum=accum)):
+            with core.explain_oom(core.oom_advice(train.preset_config(preset, batch_size=bs, grad_accum=accum))):
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         msg = str(e.value)
         assert f"preset {preset}, batch size {bs}" in msg and want in msg and "\n" not in msg, msg
     with pytest.raises(ValueError):  # anything else is not dressed up as an OOM
-        with core.explain_oom(train.preset_config("fast")):
+        with core.explain_oom(core.oom_advice(train.preset_config("fast"))):
             raise ValueError("x")
 
 

@@ -159,13 +159,13 @@ def _device_and_dtype(cfg: TrainConfig):
 
 
 @contextlib.contextmanager
-def explain_oom(cfg: TrainConfig):
-    """CUDA out of memory → one TrainError line naming what to try (smaller batch, same effective batch; lean)."""
+def explain_oom(advice: str):
+    """CUDA out of memory → one TrainError line, `advice`, naming what to try (e.g. oom_advice(cfg))."""
     import torch
     try:
         yield
     except torch.cuda.OutOfMemoryError:
-        raise TrainError(oom_advice(cfg)) from None
+        raise TrainError(advice) from None
 
 
 def oom_advice(cfg: TrainConfig) -> str:
@@ -253,14 +253,14 @@ class PassRateCallback:
                                        self.max_new_tokens, batch_size=self.batch_size)
                 _, counts, by_filter = curate_outputs(self.records, [g[0] for g in gen], [g[1] for g in gen],
                                                       ctx=self._ctx)
-                n = len(self.records)
+                n, fails = len(self.records), filter_fails(by_filter)
                 entry = {"step": state.global_step, "pass_rate": counts.get("approved", 0) / n,
                          "pass_or_doubtful_rate": (counts.get("approved", 0) + counts.get("doubtful", 0)) / n,
-                         **{f"fails/{k}": v for k, v in filter_fails(by_filter).items()}}
+                         **{f"fails/{k}": v for k, v in fails.items()}}
                 self.history.append(entry)
                 state.log_history.append(entry)
                 if state.is_world_process_zero:
-                    worst = sorted(filter_fails(by_filter).items(), key=lambda kv: -kv[1])[:3]
+                    worst = sorted(fails.items(), key=lambda kv: -kv[1])[:3]
                     print(f"step {state.global_step}: pass rate {entry['pass_rate']:.2f} "
                           f"({counts.get('approved', 0)}/{n})"
                           + (f"; most failed: {', '.join(f'{k} {v}' for k, v in worst)}" if worst else ""), flush=True)
@@ -383,7 +383,7 @@ def run(data: str | os.PathLike, model_dir: str | os.PathLike, out_dir: str | os
     if resume:
         print(f"resuming from {resume}", flush=True)
     t0 = time.time()
-    with explain_oom(cfg):
+    with explain_oom(oom_advice(cfg)):
         result = trainer.train(resume_from_checkpoint=resume)
     main_process = trainer.is_world_process_zero()  # under torchrun only rank 0 writes the adapter folder
     if main_process:
@@ -396,7 +396,7 @@ def run(data: str | os.PathLike, model_dir: str | os.PathLike, out_dir: str | os
             "tokens": tokens_in(rows),
             "resumed_from": resume, "steps_this_run": _Count.n, "seconds": round(time.time() - t0, 2), "config": asdict(cfg)}
     if main_process:
-        (out / "distillery_train.json").write_text(json.dumps(meta, ensure_ascii=False, indent=2))
+        (out / "distillery_train.json").write_text(json.dumps(meta, ensure_ascii=False, indent=2), encoding="utf-8")
         (out / "README.md").write_text(_model_card(rel, cfg, str(model_dir), trainer.state.global_step,
                                                    losses[-1] if losses else None), encoding="utf-8")
         plot_loss(trainer.state.log_history, out / "loss.png")
@@ -404,14 +404,20 @@ def run(data: str | os.PathLike, model_dir: str | os.PathLike, out_dir: str | os
     return meta
 
 
+def read_adapter(adapter_dir: str | os.PathLike) -> tuple[Path, dict]:
+    """The adapter folder and what `run` recorded in it (distillery_train.json; {} for a foreign adapter)."""
+    a = Path(adapter_dir)
+    if not (a / "adapter_config.json").exists():
+        raise TrainError(f"{a}: not an adapter folder (no adapter_config.json)")
+    meta_path = a / "distillery_train.json"
+    return a, (json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {})
+
+
 def load_adapter(model_dir, adapter_dir, *, cpu: bool | None = None):
     import torch
     from peft import PeftModel
     cpu = (not torch.cuda.is_available()) if cpu is None else cpu
-    a = Path(adapter_dir)
-    if not (a / "adapter_config.json").exists():
-        raise TrainError(f"{a}: not an adapter folder (no adapter_config.json)")
-    meta = json.loads((a / "distillery_train.json").read_text()) if (a / "distillery_train.json").exists() else {}
+    a, meta = read_adapter(adapter_dir)
     cfg = preset_config(meta.get("preset", "fast"), cpu=cpu)
     tok, model = load_model_dir(model_dir, cfg)
     model = PeftModel.from_pretrained(model, str(a))

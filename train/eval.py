@@ -170,7 +170,7 @@ def evaluate(model_dir, adapter_dir, release, *, limit: int | None = None, max_n
              cpu: bool | None = None, batch_size: int = 16, curate_config: str | None = None) -> dict:
     from curate.config import ConfigError
     from curate.filters import Context
-    from train.core import generate_outputs, load_adapter
+    from train.core import explain_oom, generate_outputs, load_adapter
     records = load_eval_records(release)
     records = records[:limit] if limit else records
     try:
@@ -184,9 +184,11 @@ def evaluate(model_dir, adapter_dir, release, *, limit: int | None = None, max_n
               "max_new_tokens": max_new_tokens, "curate_config_hash": ctx.config.config_hash(), "n": len(records)}
     samples = [{"id": r.get("id"), "input": r["input"], "max_chars": (r.get("meta") or {}).get("max_chars"),
                 "reference": r["output"]} for r in records]
+    oom = (f"CUDA out of memory in eval with generation batch {batch_size}: "
+           f"try --batch-size {max(1, batch_size // 2)}")
     for name in ("base", "student"):
         # the base model is the student with its adapter switched off: one copy of the weights
-        with model.disable_adapter() if name == "base" else contextlib.nullcontext(), _explain_oom(batch_size):
+        with model.disable_adapter() if name == "base" else contextlib.nullcontext(), explain_oom(oom):
             gen = generate_outputs(model, tok, template, prompts, max_new_tokens, batch_size=batch_size)
             loss = answer_loss(model, tok, template, records)
         judged, counts, by_filter = curate_outputs(records, [g[0] for g in gen], [g[1] for g in gen], ctx=ctx)
@@ -196,16 +198,6 @@ def evaluate(model_dir, adapter_dir, release, *, limit: int | None = None, max_n
                        "reasons": [f"{x['filter']}: {x['detail']}" for x in j["curation"]["reasons"]]}
     report["samples"] = samples
     return report
-
-
-@contextlib.contextmanager
-def _explain_oom(batch_size: int):
-    import torch
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError:
-        raise TrainError(f"CUDA out of memory in eval with generation batch {batch_size}: "
-                         f"try --batch-size {max(1, batch_size // 2)}") from None
 
 
 def print_table(report: dict, console=None) -> None:

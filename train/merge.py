@@ -19,15 +19,11 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from train.core import check_model_dir
+    from train.core import check_model_dir, read_adapter
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise TrainError(f"{out}: output exists and is not an empty folder (merge never overwrites)")
-    a = Path(adapter_dir)
-    if not (a / "adapter_config.json").exists():
-        raise TrainError(f"{a}: not an adapter folder (no adapter_config.json)")
-    meta_path = a / "distillery_train.json"
-    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
+    a, meta = read_adapter(adapter_dir)
     dtype = dtype or ("float16" if meta.get("preset") == "reference" else "bfloat16")
     if dtype not in DTYPES:
         raise TrainError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
