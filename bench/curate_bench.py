@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from curate.filters import PARTICLES, TRADITIONAL  # noqa: E402
+from distillery.io import Located, read_records  # noqa: E402
+from distillery.record import dumps  # noqa: E402
 from distillery.text import char_count  # noqa: E402
 from synth.plan import iter_plan  # noqa: E402
 from synth.recipe import load_recipe  # noqa: E402
@@ -36,7 +38,7 @@ EXACT_SHARE, NEAR_SHARE, DEFECT_SHARE, MUTATE = 0.03, 0.04, 0.05, 0.3
 
 
 def _load(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return [x.record for x in read_records(path) if isinstance(x, Located)]
 
 
 def _synth_meta(prompt, i: int) -> dict:
@@ -95,7 +97,7 @@ def generate(n: int, path: Path, seed: int = 7) -> Counter:
             kinds[kind] += 1
             rec = {"id": f"{prompt.id}-b{i}", "instruction": prompt.instruction, "input": prompt.input,
                    "output": out, "meta": _synth_meta(prompt, i)}
-            f.write(json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n")
+            f.write(dumps(rec) + "\n")
     return kinds
 
 

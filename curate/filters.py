@@ -304,8 +304,12 @@ OCCASION_RE = re.compile("|".join(sorted({w for ws in OCCASION_WORDS.values() fo
                                             key=len, reverse=True)))
 WORD_SCENE = {w: s for s, ws in OCCASION_WORDS.items() for w in ws}
 FORMAL = {"长辈", "师长", "上级", "客户"}
-TOO_INTIMATE = regex.compile(r"^亲[，,~！!]|老[王赵李张陈刘]|哈哈|^哟|乖乖|听话|买糖|小朋友|宝贝|宝宝|^宝[，,~！!]|宝子|亲爱的|哥们|老铁|兄弟们|姐妹们|亲~|么么哒|亲亲|小可爱|家人们|集美")
-TOO_INTIMATE_FOR_ELDERS = regex.compile(r"^亲[，,~！!]|老[王赵李张陈刘]|^哟|买糖|小朋友|宝子|哥们|老铁|兄弟们|姐妹们|亲~|么么哒|家人们|集美")
+# Too intimate for every formal relation; the second list is fine for 长辈 (affection a grandparent gets), not others.
+# Alternatives starting at one position never both match, so their order does not change what is reported.
+_INTIMATE_ALL = r"^亲[，,~！!]|老[王赵李张陈刘]|^哟|买糖|小朋友|宝子|哥们|老铁|兄弟们|姐妹们|亲~|么么哒|家人们|集美"
+_INTIMATE_NOT_ELDERS = r"哈哈|乖乖|听话|宝贝|宝宝|^宝[，,~！!]|亲爱的|亲亲|小可爱"
+TOO_INTIMATE = regex.compile(f"{_INTIMATE_ALL}|{_INTIMATE_NOT_ELDERS}")
+TOO_INTIMATE_FOR_ELDERS = regex.compile(_INTIMATE_ALL)
 
 
 class FitFilter:

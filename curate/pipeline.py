@@ -142,8 +142,7 @@ class Judge:
                     out.problems.append(item)
                     continue
                 rec = item.record
-                had_id = bool(rec.get("id"))
-                ensure_id(rec)
+                had_id = bool(rec.get("id"))  # judge() adds a missing one
                 recs.append(rec)
                 span = _head_span(raw) if raw is not None and "curation" not in rec else None
                 spans.append(span and (at + span[0], at + span[1], had_id))
