@@ -21,7 +21,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from distillery.record import dumps, reference_format
+from distillery.io import write_jsonl_atomic
+from distillery.record import reference_format
 
 from curate.release import (DEFAULT_ROOT, EXIT_CODES, ReleaseError, content_hash, find_release, load_records,
                             read_manifest)
@@ -41,12 +42,6 @@ def messages(rec: dict) -> dict:
 
 def conversations(rec: dict) -> dict:
     return {"conversations": [{"from": "human", "value": user_text(rec)}, {"from": "gpt", "value": rec["output"]}]}
-
-
-def _jsonl(path: Path, rows) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(dumps(row) + "\n")
 
 
 def _sha1(path: Path) -> str:
@@ -70,14 +65,14 @@ def export_alpaca(release: Path, splits: dict, out: Path) -> None:
 
 def export_sharegpt(release: Path, splits: dict, out: Path) -> None:
     for s in SPLITS:
-        _jsonl(out / f"{s}.messages.jsonl", map(messages, splits[s]))
-        _jsonl(out / f"{s}.sharegpt.jsonl", map(conversations, splits[s]))
+        write_jsonl_atomic(out / f"{s}.messages.jsonl", map(messages, splits[s]))
+        write_jsonl_atomic(out / f"{s}.sharegpt.jsonl", map(conversations, splits[s]))
 
 
 def export_llamafactory(release: Path, splits: dict, out: Path) -> None:
     export_alpaca(release, splits, out)
     for s in SPLITS:
-        _jsonl(out / f"{s}.messages.jsonl", map(messages, splits[s]))
+        write_jsonl_atomic(out / f"{s}.messages.jsonl", map(messages, splits[s]))
     name = f"distillery_{release.name}"
     alpaca_cols = {"prompt": "instruction", "query": "input", "response": "output"}
     openai_tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from distillery.io import Problem, read_records
+from distillery.io import Problem, read_records, write_jsonl_atomic
 from distillery.record import canonical_hash, dumps, ensure_id, reference_format
 
 DEFAULT_ROOT = "dataset/releases"
@@ -76,8 +76,12 @@ def _read_all(path: Path) -> list[dict]:
     return records
 
 
+def _provenance(rec: dict) -> dict:
+    return (rec.get("meta") or {}).get("provenance") or {}
+
+
 def _review_decision(rec: dict) -> str | None:
-    return (((rec.get("meta") or {}).get("provenance") or {}).get("review") or {}).get("decision")
+    return (_provenance(rec).get("review") or {}).get("decision")
 
 
 def _verdict(rec: dict) -> str | None:
@@ -267,8 +271,7 @@ def build_release(srcs: list[str], name: str, root: str | Path = DEFAULT_ROOT, e
         "cells": cell_counts(records),
         "sources": src.infos,
         "duplicate_ids_skipped": src.duplicate_ids[:100],
-        "runs": sorted({str(((r.get("meta") or {}).get("provenance") or {}).get("run"))
-                        for r in records if ((r.get("meta") or {}).get("provenance") or {}).get("run")}),
+        "runs": sorted({str(run) for run in (_provenance(r).get("run") for r in records) if run}),
         "recipes": [{"name": n, **({"hash": h} if h else {})} for n, h in _seen(records, "recipe", "recipe_hash")],
         "curation_config_hashes": dict(sorted(Counter(
             (r.get("curation") or {}).get("config_hash") or "(none)" for r in records).items())),
@@ -284,9 +287,7 @@ def build_release(srcs: list[str], name: str, root: str | Path = DEFAULT_ROOT, e
     try:
         _write_json(tmp / "train.json", [reference_format(r) for r in train])
         _write_json(tmp / "eval.json", [reference_format(r) for r in eval_])
-        with open(tmp / "records.jsonl", "w", encoding="utf-8", newline="\n") as f:
-            for r in records:
-                f.write(dumps(r) + "\n")
+        write_jsonl_atomic(tmp / "records.jsonl", records)
         (tmp / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n",
                                            encoding="utf-8")
         for f in tmp.iterdir():

@@ -32,7 +32,6 @@ from typing import Callable, Optional
 
 import regex
 
-from distillery.io import Located, read_records
 from distillery.record import VERDICTS
 from distillery.text import char_count
 
@@ -108,7 +107,7 @@ class ReportStats:
 
     def count(self, rid: str, output: str, scene: Optional[str], style: Optional[str], cap: Optional[int],
               verdict: str, chars: int, reasons: list) -> None:
-        """add() for a caller that has every field at hand (the pipeline: no record dict a record)."""
+        """add() for a caller that has every field at hand (the pipeline, which keeps no record dict per record)."""
         key = (scene or UNKNOWN, style or UNKNOWN, verdict)
         self.cells[key] = self.cells.get(key, 0) + 1
         key = (cap, verdict, min(chars, _clamp(cap)))
@@ -453,7 +452,6 @@ BAD_LINE_EXAMPLES = 10
 
 def build_report(summary, stats: ReportStats, inputs: list[str], ctx=None) -> dict:
     """report.json: the run's counts (summary: curate.pipeline.Summary) plus the aggregates `stats` collected."""
-    recipe = ctx.recipe if ctx is not None else {}
     report = {
         "inputs": inputs, "config_hash": summary.config_hash,
         "counts": {n: summary.counts.get(n, 0) for n in VERDICTS}, "valid": summary.valid,
@@ -463,37 +461,36 @@ def build_report(summary, stats: ReportStats, inputs: list[str], ctx=None) -> di
     }
     if ctx is not None:   # the resolved config, so `curate review pull` can re-check edits by the same rules
         report["config"] = dataclasses.asdict(ctx.config)
-    report.update(stats.to_json([s["name"] for s in recipe.get("scenes", [])],
-                                [s["name"] for s in recipe.get("styles", [])]))
+    report.update(stats.to_json(*_axis_orders(ctx)))
     return report
 
 
-def rebuild_report(out_dir: Path, old: dict, extra: dict, resolve: Optional[Callable[[dict], dict]] = None,
-                   scene_order: list[str] = (), style_order: list[str] = ()) -> dict:
-    """report.json recounted from out_dir's approved/doubtful/rejected.jsonl as they are now (after `curate review
-    pull` moved records), streamed through ReportStats. From `old` (the run's report) it keeps what the files cannot
-    tell: inputs, config, bad lines and the per-filter counts (the curator's verdicts, skipped included). `extra`
-    (e.g. the review block) is added on top."""
-    stats, counts = ReportStats(resolve), Counter()
-    for verdict in VERDICTS:
-        path = out_dir / f"{verdict}.jsonl"
-        if not path.exists():
-            continue
-        for item in read_records(path):
-            if not isinstance(item, Located):
-                continue   # the caller has read these files whole already; an empty file is the only non-record
-            rec = item.record
-            rec["curation"] = {"reasons": [], **(rec.get("curation") or {}), "verdict": verdict}   # the file decides
+def _axis_orders(ctx) -> tuple[list[str], list[str]]:
+    """The recipe's scene and style names, in its order (ctx: curate.filters.Context, or None for no recipe)."""
+    recipe = ctx.recipe if ctx is not None else {}
+    return [s["name"] for s in recipe.get("scenes", [])], [s["name"] for s in recipe.get("styles", [])]
+
+
+def rebuild_report(by_verdict: dict[str, list[dict]], old: dict, extra: dict, ctx=None) -> dict:
+    """report.json recounted from the records each verdict file now holds (after `curate review pull` moved
+    records; the caller has them in memory, having just written them). From `old` (the run's report) it keeps what
+    the files cannot tell: inputs, config, bad lines and the per-filter counts (the curator's verdicts, skipped
+    included). `extra` (e.g. the review block) is added on top. ctx: as for build_report."""
+    stats = ReportStats(ctx.resolve if ctx is not None else None)
+    for verdict, records in by_verdict.items():
+        for rec in records:
+            # the file decides the verdict; a copy, so the caller's records are left as written
+            rec = {**rec, "curation": {"reasons": [], **(rec.get("curation") or {}), "verdict": verdict}}
             edited = ((rec.get("meta") or {}).get("provenance") or {}).get("original_output") is not None
             # an edited text's length reasons were about the old text: count its 字数 afresh
             stats.add(rec, char_count(rec["output"]) if edited else None)
-            counts[verdict] += 1
     report = {k: old[k] for k in ("inputs", "config_hash", "config", "bad_lines", "bad_line_examples", "filters")
               if k in old}
     report.setdefault("inputs", [])
     report.setdefault("config_hash", "")
-    report.update({"counts": {v: counts.get(v, 0) for v in VERDICTS}, "valid": sum(counts.values())})
-    report.update(stats.to_json(scene_order, style_order))
+    report.update({"counts": {v: len(by_verdict.get(v, ())) for v in VERDICTS},
+                   "valid": sum(len(by_verdict.get(v, ())) for v in VERDICTS)})
+    report.update(stats.to_json(*_axis_orders(ctx)))
     report.update(extra)
     return report
 

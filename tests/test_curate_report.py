@@ -135,7 +135,9 @@ def test_rebuild_recounts_the_files_and_keeps_the_run_fields(curated, tmp_path):
     (d / "doubtful.jsonl").write_text("".join(x + "\n" for x in kept), encoding="utf-8")
     with open(d / "approved.jsonl", "a", encoding="utf-8") as f:
         f.write("".join(x + "\n" for x in moved))
-    new = rebuild_report(d, rep, {"review": {"approved": 2}})
+    files = {v: [json.loads(x) for x in (d / f"{v}.jsonl").read_text(encoding="utf-8").splitlines()]
+             for v in VERDICTS}
+    new = rebuild_report(files, rep, {"review": {"approved": 2}})
     write_report(d, new)
     lines = {v: len((d / f"{v}.jsonl").read_text(encoding="utf-8").splitlines()) for v in VERDICTS}
     assert new["counts"] == lines and lines["approved"] == rep["counts"]["approved"] + 2

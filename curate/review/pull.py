@@ -197,7 +197,7 @@ def pull(ls, project, into: Path) -> Outcome:
     write_jsonl_atomic(into / "rejected.jsonl", rejected)
     write_jsonl_atomic(into / "doubtful.jsonl", keep)
     write_review_marker(into, approved + rejected + keep)
-    _refresh_report(into, old_report, res, ctx, review_counts(approved, rejected, keep))
+    _refresh_report(into, old_report, res, ctx, {"approved": approved, "doubtful": keep, "rejected": rejected})
     return res
 
 
@@ -211,16 +211,14 @@ def review_counts(approved: list[dict], rejected: list[dict], doubtful: list[dic
             "edit_failed": sum(1 for r in doubtful if decision(r) == "approve-with-edit")}
 
 
-def _refresh_report(into: Path, old: dict, res: Outcome, ctx, counts: dict) -> None:
-    """report.json/html recounted from the files just written (atomically, like them)."""
+def _refresh_report(into: Path, old: dict, res: Outcome, ctx, by_verdict: dict[str, list[dict]]) -> None:
+    """report.json/html recounted from the records just written to the verdict files (atomically, like them)."""
     from curate.report import rebuild_report, write_report
-    review = {**counts, "pending": res.pending, "conflicts": len(res.conflicts),
+    review = {**review_counts(by_verdict["approved"], by_verdict["rejected"], by_verdict["doubtful"]),
+              "pending": res.pending, "conflicts": len(res.conflicts),
               "pulled_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "config": res.config_source}
-    recipe = ctx.recipe
-    write_report(into, rebuild_report(into, old, {"review": review}, ctx.resolve,
-                                      [x["name"] for x in recipe.get("scenes", [])],
-                                      [x["name"] for x in recipe.get("styles", [])]))
+    write_report(into, rebuild_report(by_verdict, old, {"review": review}, ctx))
 
 
 def write_review_marker(into: Path, records: list[dict]) -> None:
