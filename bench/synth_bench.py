@@ -8,7 +8,10 @@ Throughput (issue #2's benchmark):
   closed (reading samples.jsonl back for the duplicate count is not counted) ÷ HTTP requests counted at the server.
   server CPU % = the loopback server's CPU over the wall time (near 100% would mean the server is the bottleneck).
   kinds: engine (synth.run.Engine, default aiohttp transport), engine-sdk (--transport sdk), plain (what people
-  write first: a semaphore, one task per prompt, AsyncOpenAI on its default transport with its own 2 retries).
+  write first: a semaphore, one task per prompt, AsyncOpenAI on its default transport with its own 2 retries),
+  bare (`--kinds bare`: aiohttp workers speaking the protocol with no retries or files, the floor on this box).
+  With both mixes it ends with faults ÷ clean per row and the ceiling on it: no client that honours Retry-After
+  can beat the fault run's longest prompt (its attempts x latency + its 429s x 1 s) or its requests x latency / conc.
 
 Peak RSS of the real CLI over a large plan (plan and run, at two sizes, to show it is flat):
     .venv/bin/python bench/synth_bench.py --rss 10000 100000
@@ -110,11 +113,37 @@ async def plain_run(base_url: str, plan: list, conc: int) -> dict:
     return {"done": done, "failed": failed, "records": None, "duplicates": None}  # it writes no file
 
 
+async def bare_run(base_url: str, plan: list, conc: int) -> dict:
+    """The floor for a Python client on this box: `conc` workers on one aiohttp session speaking the protocol,
+    no retries, no files, no accounting (a fault just loses its prompt)."""
+    import aiohttp
+    done = failed = 0
+    it = iter(plan)
+    url = base_url + "/chat/completions"
+    headers = {"Authorization": "Bearer bench", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc), headers=headers) as session:
+        async def worker():
+            nonlocal done, failed
+            for p in it:
+                try:
+                    async with session.post(url, data=json.dumps({"model": "loopback", "messages": p.messages,
+                                                                  "max_tokens": 256})) as r:
+                        body = await r.read()
+                    ok = r.status == 200 and json.loads(body)["choices"][0]["finish_reason"] == "stop"
+                except Exception:  # noqa: BLE001 - a fault loses the prompt: this loop is only a speed floor
+                    ok = False
+                done, failed = done + ok, failed + (not ok)
+        await asyncio.gather(*(worker() for _ in range(conc)))
+    return {"done": done, "failed": failed, "records": None, "duplicates": None}
+
+
 def measure(kind: str, server: subprocess.Popen, base_url: str, plan: list, conc: int, latency: float) -> dict:
     s_cpu0, s_req0 = proc_cpu_s(server.pid), server_requests(base_url)
     c0, t0 = time.process_time(), time.perf_counter()
     if kind == "plain":
         res = asyncio.run(plain_run(base_url, plan, conc))
+    elif kind == "bare":
+        res = asyncio.run(bare_run(base_url, plan, conc))
     else:
         res = asyncio.run(engine_run(base_url, plan, conc, "sdk" if kind == "engine-sdk" else "aiohttp"))
     cpu, wall = time.process_time() - c0, time.perf_counter() - t0
@@ -154,6 +183,76 @@ def throughput(a: argparse.Namespace) -> None:
         print(f"| {r['mix']} | {r['kind']} | {r['concurrency']} | {r['done']} | {r['failed']} | {dup} | {r['requests']} | "
               f"{r['wall_s']} | {r['prompts_per_s']} | {r['efficiency']} | {r['cpu_ms_per_request']} | "
               f"{r['server_cpu_pct']} | {r['load_avg']} |")
+    if "faults" in a.mixes and "clean" in a.mixes:
+        fault_summary(rows, plan, a.latency)
+
+
+def retry_after_floor(plan: list, latency: float, retry_after: float = 1.0) -> tuple[float, int, list[str]]:
+    """The least wall time ANY client that honours Retry-After needs for the fault run: the longest single prompt,
+    attempts x latency + its 429s x Retry-After, even started at t=0 with every other fault retried at once.
+    Read from the loopback teacher's fault sequence (deterministic per prompt id and attempt).
+    Returns (seconds, plan index, the prompt's answers in order)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from loopback_teacher import LoopbackTeacher
+    teacher = LoopbackTeacher(latency, FAULTS, retry_after=retry_after)
+    worst = (0.0, -1, [])
+    for i, p in enumerate(plan):
+        seq = []
+        while not seq or seq[-1] != "ok":
+            seq.append(teacher._fault(p.id, len(seq)) or "ok")
+        t = len(seq) * latency + seq.count("429") * retry_after
+        worst = max(worst, (t, i, seq))
+    return worst
+
+
+def ideal_client_wall(plan: list, conc: int, latency: float, retry_after: float = 1.0) -> float:
+    """Wall time of a zero-overhead client with the engine's policy on the same fault sequence: `conc` slots, a
+    retry whose wait is over goes before a fresh prompt, a 429 waits exactly Retry-After, other faults retry at
+    once, every answer takes exactly `latency` (an event simulation, not a run)."""
+    import heapq
+    sys.path.insert(0, str(ROOT / "tests"))
+    from loopback_teacher import LoopbackTeacher
+    teacher = LoopbackTeacher(latency, FAULTS, retry_after=retry_after)
+    slots = [0.0] * conc         # when each slot is free again
+    ready: list = []             # (when a retry may go, plan index, attempt)
+    fresh, left, end = 0, len(plan), 0.0
+    while left:
+        free = heapq.heappop(slots)
+        if ready and (ready[0][0] <= free or fresh == len(plan)):
+            at, i, k = heapq.heappop(ready)
+            start = max(free, at)
+        else:
+            i, k, start = fresh, 0, free
+            fresh += 1
+        fault = teacher._fault(plan[i].id, k)
+        heapq.heappush(slots, start + latency)
+        if fault is None:
+            left -= 1
+            end = max(end, start + latency)
+        else:
+            heapq.heappush(ready, (start + latency + (retry_after if fault == "429" else 0.0), i, k + 1))
+    return end
+
+
+def fault_summary(rows: list[dict], plan: list, latency: float) -> None:
+    """faults ÷ clean per client and concurrency, beside the ceiling that Retry-After alone puts on it."""
+    floor, index, seq = retry_after_floor(plan, latency)
+    print(f"\nRetry-After floor: prompt #{index} is answered {', '.join(seq)}; honouring Retry-After 1 s, no client "
+          f"can finish it in under {floor:.1f} s.")
+    print("| client | conc | clean wall s | faults wall s | faults ÷ clean | ceiling: clean wall ÷ max(floor, "
+          "requests x latency / conc) | ideal client (same policy, no overhead): faults wall s, ÷ its clean |")
+    print("|---|---|---|---|---|---|---|")
+    clean = {(r["kind"], r["concurrency"]): r for r in rows if r["mix"] == "clean"}
+    for r in rows:
+        c = clean.get((r["kind"], r["concurrency"]))
+        if r["mix"] != "faults" or c is None:
+            continue
+        conc = r["concurrency"]
+        least = max(floor, r["requests"] * latency / conc)
+        ideal = ideal_client_wall(plan, conc, latency)
+        ideal_clean = math.ceil(len(plan) / conc) * latency
+        print(f"| {r['kind']} | {conc} | {c['wall_s']} | {r['wall_s']} | {c['wall_s'] / r['wall_s']:.2f} | "
+              f"{min(1.0, c['wall_s'] / least):.2f} | {ideal:.2f}, {ideal_clean / ideal:.2f} |")
 
 
 def big_recipe(n: int, folder: Path) -> Path:
@@ -235,7 +334,7 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.2)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[16, 64, 256])
     ap.add_argument("--kinds", nargs="+", default=["engine", "engine-sdk", "plain"],
-                    choices=["engine", "engine-sdk", "plain"])
+                    choices=["engine", "engine-sdk", "plain", "bare"])
     ap.add_argument("--mixes", nargs="+", default=["clean", "faults"], choices=["clean", "faults"])
     ap.add_argument("--rss", type=int, nargs="+", metavar="N", help="instead: peak RSS of plan and run over N prompts")
     a = ap.parse_args()

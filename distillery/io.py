@@ -254,6 +254,41 @@ def _read_array(f, p: str, require_id: bool) -> Iterator[Item]:
         yield item
 
 
+def read_all(path: Union[str, Path], *, missing_ok: bool = False) -> list[dict]:
+    """Every record of a file, or ReadError naming the first bad line (and how many more): for callers that must
+    not act on a partial read (a release, a review merge, an eval split). An empty file is no records;
+    a missing one too when `missing_ok`."""
+    path = Path(path)
+    if missing_ok and not path.exists():
+        return []
+    records, problems = [], []
+    for item in read_records(path):
+        if isinstance(item, Located):
+            records.append(item.record)
+        elif not (item.line == 0 and item.message == "empty file"):
+            problems.append(item)
+    if problems:
+        more = f" (and {len(problems) - 1} more bad lines)" if len(problems) > 1 else ""
+        raise ReadError(f"{problems[0]}{more}")
+    return records
+
+
+class ReadError(ValueError):
+    """A file read_all could not read whole; the message is one line naming the file, line and field."""
+
+
+def write_json_atomic(path: Union[str, Path], obj, *, indent: Optional[int] = 2, sort_keys: bool = False) -> None:
+    """A JSON document (report, manifest, marker) through a temp file and rename: a crash never leaves half a file."""
+    write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=indent, sort_keys=sort_keys) + "\n")
+
+
+def write_text_atomic(path: Union[str, Path], text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_jsonl_atomic(path: Union[str, Path], records) -> int:
     """Write records to `path` through a temp file and rename, so a reader never sees a half-written file."""
     path = Path(path)

@@ -127,6 +127,16 @@ def ensure_id(rec: dict) -> str:
     return rec["id"]
 
 
+def provenance(rec: dict) -> dict:
+    """meta.provenance: where a record came from (teacher run, import, release) and what review did to it."""
+    return (rec.get("meta") or {}).get("provenance") or {}
+
+
+def review_decision(rec: dict) -> str | None:
+    """The reviewer's decision ("approve", "approve_edited", "reject", ...) if a human reviewed the record."""
+    return (provenance(rec).get("review") or {}).get("decision")
+
+
 def reference_format(rec: dict) -> dict:
     """The tutorial's training format: exactly {instruction, input, output}."""
     return {"instruction": rec["instruction"], "input": rec["input"], "output": rec["output"]}

@@ -44,7 +44,8 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_ARGS, EXIT_AUTH, EXIT_LOCKED, EXIT_BUDGET, EXIT_I
 
 EPILOG = """exit codes:
   0    every planned prompt has a record in samples.jsonl
-  1    some prompts failed (listed in failures.jsonl; the next run retries them) or the teacher was unreachable
+  1    some prompts failed (listed in failures.jsonl; the next run retries them), the teacher was unreachable,
+       or it refused the first prompts outright with one status (e.g. 404: wrong --base-url or --model)
   2    bad recipe or arguments
   3    the teacher refused the API key (401/403); the run stopped at once
   4    another run holds the lock on --out
@@ -99,6 +100,7 @@ class RunConfig:
     progress_interval: float = 2.0  # seconds between plain progress lines when stdout is not a terminal
     transport: str = "aiohttp"
     unreachable_after: int = 3  # prompts in a row lost to connection errors, with no success yet, mean "down"
+    refused_after: int = 5  # prompts in a row refused with one HTTP status (404, 400), no success yet: stop
 
     def redact(self, text: str) -> str:
         return text.replace(self.api_key, "***") if self.api_key else text
@@ -355,13 +357,19 @@ class Stats:
     throttled: int = 0
 
 
+MAX_RETRY_AFTER = 60.0  # like the openai SDK: a longer Retry-After (a spent daily quota) is not waited out per prompt
+
+
 def _retry_wait(retry_state) -> float:
-    """Retry-After when the server gave one (plus up to ~10% jitter, so the retries of one burst do not land
-    together; the shared gate does the rest), else exponential back-off with jitter."""
+    """Retry-After when the server gave one, capped at MAX_RETRY_AFTER, plus a little jitter (1 s → up to 30 ms):
+    enough that the retries of one burst do not land on the same millisecond; a real burst is spread by the shared
+    gate's pause instead. Every extra 10% of jitter was 0.1 s more on each 429 in a prompt's chain, and those chains
+    are the run's tail (docs/benchmarks.md). Else exponential back-off with jitter."""
     exc = retry_state.outcome.exception()
     ra = getattr(exc, "retry_after", None)
     if ra is not None:
-        return ra + random.uniform(0, 0.05 + ra * 0.1)
+        ra = min(ra, MAX_RETRY_AFTER)
+        return ra + random.uniform(0, 0.01 + ra * 0.02)
     return _EXP_JITTER(retry_state)
 
 
@@ -383,9 +391,10 @@ class Engine:
         self.gate = AIMDGate(cfg.concurrency)
         self.rpm = TokenBucket(cfg.rpm) if cfg.rpm else None
         self.tpm = TokenBucket(cfg.tpm, burst=cfg.tpm / 60.0) if cfg.tpm else None
-        self.stopping: str | None = None  # why feeding stopped: budget | interrupted | auth | unreachable
+        self.stopping: str | None = None  # why feeding stopped: budget | interrupted | auth | unreachable | refused
         self.stop_message = ""
         self._conn_lost_in_a_row = 0
+        self._refused: tuple[int | None, int] = (None, 0)  # (HTTP status, prompts in a row) before any success
         self._ever_ok = False
         self._teacher = {"model": cfg.model, "temperature": cfg.temperature, "top_p": cfg.top_p,
                          "max_tokens": cfg.max_tokens, "n": cfg.n}
@@ -480,6 +489,13 @@ class Engine:
             return
         except Final as e:
             self._fail(prompt, str(e), attempts)
+            if e.status is not None and not self._ever_ok:
+                status, n = self._refused
+                self._refused = (e.status, n + 1 if status == e.status else 1)
+                if self._refused[1] >= self.cfg.refused_after:
+                    self._stop("refused", f"the teacher answered the first {self._refused[1]} prompts with "
+                                          f"{self.cfg.redact(str(e))}; check --base-url, --model and the recipe's "
+                                          f"teacher parameters")
             return
         except (_Stop, RetryError):
             return
@@ -611,7 +627,7 @@ class Engine:
             return EXIT_INTERRUPTED
         if self.stopping == "budget":
             return EXIT_BUDGET
-        if self.stopping == "unreachable" or self.stats.failed:
+        if self.stopping in ("unreachable", "refused") or self.stats.failed:
             return EXIT_FAILED
         return EXIT_OK
 

@@ -64,6 +64,10 @@ class Retryable(Exception):
 class Final(Exception):
     """Another attempt would get the same answer (e.g. HTTP 400): the prompt is recorded as failed."""
 
+    def __init__(self, reason: str, status: int | None = None):
+        super().__init__(reason)
+        self.status = status
+
 
 class Transport(Protocol):
     async def complete(self, messages: list[dict], prompt_id: str) -> Reply: ...
@@ -101,7 +105,7 @@ def classify_status(status: int, headers: Mapping[str, str], message: str = "") 
         return Retryable("HTTP 429 rate limited", retry_after_seconds(headers), throttled=True)
     if status >= 500 or status in (408, 409):
         return Retryable(f"HTTP {status}", retry_after_seconds(headers), overloaded=status != 409)
-    return Final(f"HTTP {status}: {message[:200]}" if message else f"HTTP {status}")
+    return Final(f"HTTP {status}: {message[:200]}" if message else f"HTTP {status}", status)
 
 
 def parse_reply(raw: bytes) -> Reply:

@@ -269,6 +269,23 @@ def test_unreachable_teacher_gives_up_with_a_clear_line(tmp_path, monkeypatch, c
     assert len(lines(tmp_path / "failures.jsonl")) < 10  # gave up early instead of failing all 100 one by one
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_teacher_refusing_every_prompt_stops_the_run_with_one_line(tmp_path, monkeypatch, capfd, transport):
+    # the classic mistake: a base URL without /v1, so every POST is a 404; and a lone 400 must not stop a run
+    with LoopbackTeacher() as t:
+        r = run_inproc(monkeypatch, capfd, tmp_path, 100, t.base_url.removesuffix("/v1"), "--concurrency", "2",
+                       "--transport", transport)
+        served = t.requests
+    assert r.returncode == 1
+    assert "answered the first 5 prompts with HTTP 404" in r.stderr and "--base-url" in r.stderr
+    assert 5 <= len(lines(tmp_path / "failures.jsonl")) < 10 and served < 10
+    with LoopbackTeacher(faults={"400": 0.2}) as t:
+        r = run_inproc(monkeypatch, capfd, tmp_path / "lone", 60, t.base_url, "--concurrency", "2",
+                       "--transport", transport)
+    assert r.returncode == 1 and "answered the first" not in r.stderr
+    assert len(lines(tmp_path / "lone" / "samples.jsonl")) + len(lines(tmp_path / "lone" / "failures.jsonl")) == 60
+
+
 def test_bad_arguments_exit_2(tmp_path):
     r = run_cli(tmp_path, 5, "http://127.0.0.1:9/v1", key="")
     assert r.returncode == 2 and "OPENAI_API_KEY" in r.stderr
