@@ -176,6 +176,27 @@ def test_resume_continues_step_count(tiny, tmp_path, capsys):
     assert [h["step"] for h in meta["log_history"] if "loss" in h] == [1, 2, 3, 4]
 
 
+def test_rerun_at_max_steps_mid_epoch_trains_no_extra_step(tiny, tmp_path, capsys, monkeypatch):
+    """13 records in batches of 4: step 2 is mid-epoch. Trainer resumed there with max_steps 2 used to train step 3
+    (and save checkpoint-3) before it checked max_steps; a re-run now re-saves checkpoint-2's adapter as is."""
+    from safetensors.torch import load_file
+    from train.__main__ import main
+    monkeypatch.setenv("HOME", str(tmp_path))  # the CLI's tokenization cache lives under ~/.cache
+    out = tmp_path / "r"
+    args = ["run", "--data", str(tiny["release"]), "--model", str(tiny["model"]), "--out", str(out), "--cpu",
+            "--batch-size", "4", "--grad-accum", "1", "--max-steps", "2", "--save-steps", "2"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "nothing left to train" in printed and f"adapter saved to {out}: 2 steps, none trained" in printed
+    meta = json.loads((out / "distillery_train.json").read_text(encoding="utf-8"))
+    assert (meta["global_step"], meta["steps_this_run"], meta["train_loss"]) == (2, 0, None)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    saved, ck = load_file(out / "adapter_model.safetensors"), load_file(out / "checkpoint-2" / "adapter_model.safetensors")
+    assert saved.keys() == ck.keys() and all(torch.equal(saved[k], ck[k]) for k in ck)
+
+
 def test_callback_logs_curator_pass_rate_in_a_plain_hf_trainer(tiny, tmp_path, capsys):
     """The plugin as a user wires it into their own Trainer: dataset, LoRA config, collator, callback."""
     from peft import get_peft_model

@@ -53,8 +53,61 @@ def test_release_folder_trains_on_its_train_split_only(world):
     train_json = json.loads((world["release"] / "train.json").read_text(encoding="utf-8"))
     eval_inputs = {r["input"] for r in load_eval_records(world["release"])}
     assert rel.path.name == "records.jsonl" and rel.records == train_json  # same texts, same order as train.json
-    assert rel.content_hash == train.load_release(world["release"] / "train.json").content_hash  # cache key agrees
+    assert rel.train_records_hash == train.load_release(world["release"] / "train.json").train_records_hash  # cache key
     assert eval_inputs and not eval_inputs & {r["input"] for r in rel.records}
+
+
+def test_adapter_links_to_its_release_by_the_hash_curate_release_stores(world):
+    """The manifest's content_hash (both splits, order-free) is not the hash of the train records the adapter saw;
+    the adapter records each under its own name."""
+    from curate.release import read_manifest
+    from distillery.record import canonical_hash
+    man = read_manifest(world["release"])
+    meta = json.loads((world["adapter"] / "distillery_train.json").read_text(encoding="utf-8"))
+    rel = train.load_release(world["release"])
+    assert meta["release_content_hash"] == man["content_hash"] == rel.release_content_hash
+    assert meta["manifest_hash"] == canonical_hash(man)
+    assert meta["train_records_hash"] == rel.train_records_hash != man["content_hash"]
+    assert "release_hash" not in meta
+    card = (world["adapter"] / "README.md").read_text(encoding="utf-8")
+    assert f"release content hash: `{man['content_hash']}`" in card
+
+
+def test_old_adapter_release_hash_is_merged_as_train_records_hash(world, tmp_path):
+    import shutil
+    from train.merge import merge
+    old = tmp_path / "old"  # an adapter written before the rename: "release_hash", no release_content_hash
+    shutil.copytree(world["adapter"], old, ignore=shutil.ignore_patterns("checkpoint-*"))
+    meta = json.loads((old / "distillery_train.json").read_text(encoding="utf-8"))
+    meta["release_hash"] = meta.pop("train_records_hash")
+    del meta["release_content_hash"]
+    (old / "distillery_train.json").write_text(json.dumps(meta), encoding="utf-8")
+    mm = json.loads((merge(world["model"], old, tmp_path / "m", "float32") / "distillery_merge.json").read_text())
+    assert mm["train_records_hash"] == world["meta"]["train_records_hash"] and mm["release_content_hash"] is None
+
+
+def test_split_rule_is_shared_by_training_and_eval(tmp_path):
+    """Top-level "split" (what `curate release` writes) decides; meta.split is the fallback; no split is train."""
+    from train.data import split_of
+    recs = [{**RECORDS[0], "split": "eval"}, {**RECORDS[1], "meta": {"split": "eval"}},
+            {**RECORDS[2], "split": "train", "meta": {"split": "eval"}}, RECORDS[3]]
+    assert [split_of(r) for r in recs] == ["eval", "eval", "train", "train"]
+    rel = tmp_path / "rel"
+    rel.mkdir()
+    (rel / "records.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs),
+                                       encoding="utf-8")
+    assert [r["input"] for r in train.load_release(rel).records] == [RECORDS[2]["input"], RECORDS[3]["input"]]
+    assert [r["input"] for r in load_eval_records(rel)] == [RECORDS[0]["input"], RECORDS[1]["input"]]
+
+
+def test_a_bad_line_in_the_eval_split_is_one_line_naming_file_and_line(tmp_path):
+    rel = tmp_path / "rel"
+    rel.mkdir()
+    (rel / "records.jsonl").write_text(json.dumps({**RECORDS[0], "split": "eval"}, ensure_ascii=False)
+                                       + "\n{not json\n", encoding="utf-8")
+    with pytest.raises(train.TrainError) as e:
+        load_eval_records(rel)
+    assert str(e.value).startswith(f"{rel / 'records.jsonl'}:2: invalid JSON") and "\n" not in str(e.value)
 
 
 def test_eval_records_keep_meta_and_a_release_without_eval_split_fails_in_one_line(world, tmp_path, capsys):
@@ -166,7 +219,9 @@ def test_merge_gives_the_adapters_logits_and_never_overwrites(world, tmp_path, c
     torch.testing.assert_close(m, a, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(m, plain, atol=1e-3)  # the adapter is really folded in
     assert AutoTokenizer.from_pretrained(out)("祝福")["input_ids"] == world["tok"]("祝福")["input_ids"]
-    assert json.loads((out / "distillery_merge.json").read_text())["release_hash"] == world["meta"]["release_hash"]
+    mm = json.loads((out / "distillery_merge.json").read_text())
+    assert {k: mm[k] for k in ("release_content_hash", "manifest_hash", "train_records_hash")} == {
+        k: world["meta"][k] for k in ("release_content_hash", "manifest_hash", "train_records_hash")}
     capsys.readouterr()
     assert main(["merge", "--model", str(world["model"]), "--adapter", str(world["adapter"]), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()

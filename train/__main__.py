@@ -74,7 +74,9 @@ def main(argv=None) -> int:
                                      eval_every=a.pass_rate_every, cpu=a.cpu or None)
             meta = core.run(a.data, a.model, a.out, cfg)
             if os.environ.get("RANK", "0") == "0":  # under torchrun/accelerate, one line, not one per process
-                print(f"adapter saved to {a.out}: {meta['global_step']} steps, loss {meta['train_loss']:.4f}")
+                loss = meta["train_loss"]  # None: the checkpoint resumed from had no step left to train
+                print(f"adapter saved to {a.out}: {meta['global_step']} steps, "
+                      + (f"loss {loss:.4f}" if loss is not None else "none trained by this run"))
         elif a.cmd == "generate":
             for text in core.generate(a.model, a.adapter, a.prompt, max_new_tokens=a.max_new_tokens,
                                       cpu=True if a.cpu else None):

@@ -6,8 +6,10 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+
+from distillery.io import write_json_atomic, write_text_atomic
 
 from train.data import (TrainError, Release, build_dataset, check_template, load_release, prompt_text,
                         tokens_in)
@@ -83,7 +85,7 @@ def compile_decoder_layers(model, backend: str = "inductor") -> int:
 
 def prepare_model(model, cfg: TrainConfig):
     """The model side of a preset, shared by `run` and bench/train_bench.py: no KV cache, LoRA, compiled layers.
-    (Gradient checkpointing itself is switched on by the Trainer, or by the caller outside a Trainer.)"""
+    (Activation checkpointing itself is switched on by the Trainer, or by the caller outside a Trainer.)"""
     from peft import get_peft_model
     model.config.use_cache = False  # no KV cache in training (also required for packing, see _PackingCollator)
     if cfg.grad_ckpt:
@@ -314,8 +316,10 @@ def _last_checkpoint(out: Path) -> str | None:
 
 def _model_card(rel: Release, cfg: TrainConfig, model_dir: str, steps: int, loss: float | None) -> str:
     return (f"---\nlibrary_name: peft\nbase_model: {model_dir}\n---\n# distillery LoRA adapter\n\n"
-            f"- release: `{rel.path}`\n- release content hash: `{rel.content_hash}`\n"
+            f"- release: `{rel.path}`\n"
+            f"- release content hash: `{rel.release_content_hash or 'none (no manifest content_hash)'}`\n"
             f"- manifest hash: `{rel.manifest_hash or 'none (no manifest.json)'}`\n"
+            f"- train records hash: `{rel.train_records_hash}`\n"
             f"- records: {len(rel.records)}\n- preset: {cfg.preset}, template: {cfg.template}\n"
             f"- LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} dropout={cfg.lora_dropout} on {', '.join(LORA_TARGETS)}\n"
             f"- batch {cfg.batch_size} x accum {cfg.grad_accum}, lr {cfg.lr}, steps {steps}, final loss {loss}\n\n"
@@ -334,6 +338,10 @@ def plot_loss(log_history: list[dict], path: str | os.PathLike) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+class _NothingToTrain(Exception):
+    """The checkpoint a re-run resumes from is already at the run's last step."""
 
 
 def run(data: str | os.PathLike, model_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -359,22 +367,37 @@ def run(data: str | os.PathLike, model_dir: str | os.PathLike, out_dir: str | os
     out.mkdir(parents=True, exist_ok=True)
     device, dtype = _device_and_dtype(cfg)
     micro, accum = per_device_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun/accelerate set it
+    # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (the old name warns); the GPU
+    # images we measured on (5.17) know only the old one
+    ckpt_arg = ("activation_checkpointing" if "activation_checkpointing" in {f.name for f in fields(TrainingArguments)}
+                else "gradient_checkpointing")
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
         optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
         learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, logging_steps=cfg.logging_steps,
-        save_steps=cfg.save_steps, save_on_each_node=True, gradient_checkpointing=cfg.grad_ckpt,
+        save_steps=cfg.save_steps, save_on_each_node=True, **{ckpt_arg: cfg.grad_ckpt},
         bf16=(device == "cuda" and dtype == torch.bfloat16), use_cpu=(device == "cpu"), report_to=[],
         remove_unused_columns=False, seed=cfg.seed, dataloader_num_workers=0, disable_tqdm=True)
     from transformers import TrainerCallback
 
-    class _Count(TrainerCallback):  # steps really trained by this call (proves resume did not restart at 0)
-        n = 0
+    class _Steps(TrainerCallback):
+        """Counts the steps this call trains (proves a resume did not restart at 0) and stops a resume that has
+        nothing left to do. Why: Trainer skips the epochs a checkpoint finished, but inside a half-done epoch it
+        trains a batch before it first checks max_steps: a re-run whose checkpoint sits mid-epoch at the last step
+        would train (and save) one step more than asked."""
+
+        def __init__(self):
+            self.trained = 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            if state.global_step >= state.max_steps:  # the checkpoint's step against this run's last
+                raise _NothingToTrain
 
         def on_step_end(self, args, state, control, **kw):
-            _Count.n += 1
+            self.trained += 1
 
-    callbacks = [_Count()]
+    steps = _Steps()
+    callbacks = [steps]
     if cfg.eval_every:
         callbacks.append(PassRateCallback(pass_rate_prompts, cfg.eval_every, tokenizer=tok, template=cfg.template))
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator(cfg, tok),
@@ -383,22 +406,28 @@ def run(data: str | os.PathLike, model_dir: str | os.PathLike, out_dir: str | os
     if resume:
         print(f"resuming from {resume}", flush=True)
     t0 = time.time()
-    with explain_oom(oom_advice(cfg)):
-        result = trainer.train(resume_from_checkpoint=resume)
+    train_loss = None  # mean loss of the steps this call trained; None when there were none
+    try:
+        with explain_oom(oom_advice(cfg)):
+            train_loss = trainer.train(resume_from_checkpoint=resume).training_loss
+    except _NothingToTrain:  # the checkpoint's weights (loaded by now) are the finished adapter
+        print(f"{resume} is at step {trainer.state.global_step}, the last of this run: nothing left to train",
+              flush=True)
     main_process = trainer.is_world_process_zero()  # under torchrun only rank 0 writes the adapter folder
     if main_process:
         model.save_pretrained(str(out))
         tok.save_pretrained(str(out))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     meta = {"preset": cfg.preset, "template": cfg.template, "instruction": rel.instruction,
-            "release": str(rel.path), "release_hash": rel.content_hash, "manifest_hash": rel.manifest_hash,
-            "global_step": trainer.state.global_step, "train_loss": result.training_loss,
-            "tokens": tokens_in(rows),
-            "resumed_from": resume, "steps_this_run": _Count.n, "seconds": round(time.time() - t0, 2), "config": asdict(cfg)}
+            "release": str(rel.path), "release_content_hash": rel.release_content_hash,
+            "manifest_hash": rel.manifest_hash, "train_records_hash": rel.train_records_hash,
+            "global_step": trainer.state.global_step, "train_loss": train_loss, "tokens": tokens_in(rows),
+            "resumed_from": resume, "steps_this_run": steps.trained, "seconds": round(time.time() - t0, 2),
+            "config": asdict(cfg)}
     if main_process:
-        (out / "distillery_train.json").write_text(json.dumps(meta, ensure_ascii=False, indent=2), encoding="utf-8")
-        (out / "README.md").write_text(_model_card(rel, cfg, str(model_dir), trainer.state.global_step,
-                                                   losses[-1] if losses else None), encoding="utf-8")
+        write_json_atomic(out / "distillery_train.json", meta)
+        write_text_atomic(out / "README.md", _model_card(rel, cfg, str(model_dir), trainer.state.global_step,
+                                                         losses[-1] if losses else None))
         plot_loss(trainer.state.log_history, out / "loss.png")
     meta["log_history"] = trainer.state.log_history
     return meta

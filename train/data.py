@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distillery.io import Located, Problem, read_records
+from distillery.io import Located, Problem, read_records, write_json_atomic
 from distillery.record import canonical_hash
 
 EOS_TEXT = "<｜end▁of▁sentence｜>"
@@ -31,9 +31,12 @@ class TrainError(Exception):
 class Release:
     path: Path  # the train file that was read
     records: list[dict]  # {instruction, input, output}
-    content_hash: str  # sha256 of the records (what the tokenization cache is keyed on)
+    train_records_hash: str  # canonical hash of `records`, in order (what the tokenization cache is keyed on)
     manifest_hash: str | None  # canonical hash of manifest.json, when the release has one
     problems: list[str]
+    # the manifest's own "content_hash" (both splits, order-free: curate/release.py content_hash()), the hash
+    # `curate release` prints and a child release records as its parent; None without a manifest
+    release_content_hash: str | None = None
 
     @property
     def instruction(self) -> str:
@@ -42,13 +45,19 @@ class Release:
         return c.most_common(1)[0][0] if c else ""
 
 
+def split_of(rec: dict) -> str:
+    """A record's split, for training and eval alike: the top-level "split" that `curate release` gives every
+    record of records.jsonl, else meta.split, else "train" (a plain record file is all training data)."""
+    return rec.get("split") or (rec.get("meta") or {}).get("split") or "train"
+
+
 def load_release(path: str | os.PathLike) -> Release:
     """Read a release folder or a .json/.jsonl file. Bad lines are collected, not fatal.
 
     A folder from `curate release` is read through records.jsonl (its split "train" records; same texts and order
-    as train.json, so the content hash and the tokenization cache agree); else train.json / train.jsonl."""
+    as train.json, so the train records hash and the tokenization cache agree); else train.json / train.jsonl."""
     p = Path(path)
-    manifest_hash = None
+    manifest_hash = release_content_hash = None
     only_train = False
     if p.is_dir():
         train = p / "records.jsonl"
@@ -63,9 +72,11 @@ def load_release(path: str | os.PathLike) -> Release:
         man = p / "manifest.json"
         if man.exists():
             try:
-                manifest_hash = canonical_hash(json.loads(man.read_text(encoding="utf-8")))
+                manifest = json.loads(man.read_text(encoding="utf-8"))
             except (ValueError, UnicodeDecodeError) as e:
                 raise TrainError(f"{man}: unreadable manifest: {e}") from None
+            manifest_hash = canonical_hash(manifest)
+            release_content_hash = manifest.get("content_hash") if isinstance(manifest, dict) else None
         p = train
     elif not p.exists():
         raise TrainError(f"{p}: no such release or file")
@@ -75,13 +86,13 @@ def load_release(path: str | os.PathLike) -> Release:
             problems.append(str(item))
         elif isinstance(item, Located):
             r = item.record
-            if only_train and r.get("split", "train") != "train":
+            if only_train and split_of(r) != "train":
                 continue
             records.append({"instruction": r["instruction"], "input": r["input"], "output": r["output"]})
     if not records:
         detail = f" ({problems[0]})" if problems else ""
         raise TrainError(f"{p}: release is empty: no usable records{detail}")
-    return Release(p, records, canonical_hash(records), manifest_hash, problems)
+    return Release(p, records, canonical_hash(records), manifest_hash, problems, release_content_hash)
 
 
 # ---------------------------------------------------------------- templates
@@ -163,16 +174,14 @@ def build_dataset(release: Release | str | os.PathLike, tokenizer, template: str
     check_template(tokenizer, template)
     cache = None
     if cache_dir is not None:
-        key = f"{rel.content_hash[:24]}-{_tok_fingerprint(tokenizer)}-{template}-{MAX_LENGTH}"
+        key = f"{rel.train_records_hash[:24]}-{_tok_fingerprint(tokenizer)}-{template}-{MAX_LENGTH}"
         cache = Path(cache_dir) / f"{key}.json"
         if cache.exists():
             return json.loads(cache.read_text())
     rows = [encode(r, tokenizer, template) for r in rel.records]
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows))
-        os.replace(tmp, cache)
+        write_json_atomic(cache, rows, indent=None)  # a per-process temp name: DDP ranks may write it at once
     return rows
 
 

@@ -12,24 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 from collections import Counter
 from pathlib import Path
 
-from distillery.io import Located, Problem, read_records
+from distillery.io import ReadError, read_all, write_json_atomic
 from distillery.text import char_count
 
-from train.data import TrainError, encode
+from train.data import TrainError, encode, split_of
 
 EMPTY = "empty"  # pseudo-filter: the schema forbids empty outputs, so the curator has no filter for them
 
 
 # ---------------------------------------------------------------- the eval split
-
-def _split_of(rec: dict) -> str | None:
-    return rec.get("split") or (rec.get("meta") or {}).get("split")
-
 
 def load_eval_records(release: str | os.PathLike) -> list[dict]:
     """The eval split's full records: from records.jsonl (split "eval", with meta) when the release has it,
@@ -38,27 +33,15 @@ def load_eval_records(release: str | os.PathLike) -> list[dict]:
     if not p.is_dir():
         raise TrainError(f"{p}: not a release folder")
     full, plain = p / "records.jsonl", p / "eval.json"
-    if full.exists():
-        recs = [r for r in _read_all(full) if _split_of(r) == "eval"]
-    elif plain.exists():
-        recs = _read_all(plain)
-    else:
+    if not full.exists() and not plain.exists():
         raise TrainError(f"{p}: release has no eval split (no records.jsonl or eval.json)")
+    try:  # a bad line fails the eval: scores over part of the split would not compare with other runs
+        recs = [r for r in read_all(full) if split_of(r) == "eval"] if full.exists() else read_all(plain)
+    except ReadError as e:
+        raise TrainError(str(e)) from None
     if not recs:
         raise TrainError(f"{p}: release has no eval split (no eval records in {full if full.exists() else plain})")
     return recs
-
-
-def _read_all(path: Path) -> list[dict]:
-    out = []
-    for item in read_records(path):
-        if isinstance(item, Problem):
-            if item.line == 0 and item.message == "empty file":
-                continue
-            raise TrainError(str(item))
-        if isinstance(item, Located):
-            out.append(item.record)
-    return out
 
 
 # ---------------------------------------------------------------- judging outputs with the curator
@@ -226,6 +209,4 @@ def print_table(report: dict, console=None) -> None:
 def write_report(report: dict, path: str | os.PathLike) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, p)
+    write_json_atomic(p, report)

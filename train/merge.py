@@ -1,9 +1,10 @@
 """Fold a LoRA adapter into its base model: a plain transformers model folder that needs no peft to load."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+
+from distillery.io import write_json_atomic
 
 from train.data import TrainError
 
@@ -37,8 +38,10 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir:
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out))
     tok.save_pretrained(str(out))
-    (out / "distillery_merge.json").write_text(json.dumps(
-        {"base_model": str(model_dir), "adapter": str(a), "dtype": dtype, "training": meta.get("config"),
-         "template": meta.get("template"), "release": meta.get("release"), "release_hash": meta.get("release_hash"),
-         "manifest_hash": meta.get("manifest_hash")}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(out / "distillery_merge.json", {
+        "base_model": str(model_dir), "adapter": str(a), "dtype": dtype, "training": meta.get("config"),
+        "template": meta.get("template"), "release": meta.get("release"),
+        "release_content_hash": meta.get("release_content_hash"), "manifest_hash": meta.get("manifest_hash"),
+        # adapters trained before the rename stored the train records' hash as "release_hash"
+        "train_records_hash": meta.get("train_records_hash", meta.get("release_hash"))})
     return out
