@@ -15,13 +15,12 @@ Default output: <release>/exports/<format>/, replaced as a whole (written beside
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import Callable
 
-from distillery.io import write_jsonl_atomic
+from distillery.io import write_json_atomic, write_jsonl_atomic
 from distillery.record import reference_format
 
 from curate.release import (DEFAULT_ROOT, EXIT_CODES, ReleaseError, content_hash, find_release, load_records,
@@ -86,7 +85,7 @@ def export_llamafactory(release: Path, splits: dict, out: Path) -> None:
                                             "file_sha1": _sha1(out / f"{s}.messages.jsonl"),
                                             "formatting": "sharegpt", "columns": {"messages": "messages"},
                                             "tags": openai_tags}
-    (out / "dataset_info.json").write_text(json.dumps(info, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(out / "dataset_info.json", info)
 
 
 def hf_rows(records: list[dict]) -> dict[str, list]:

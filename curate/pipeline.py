@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from distillery.io import Block, Located, Problem, parse_block, read_blocks, read_records
+from distillery.io import Block, Located, Problem, parse_block, read_blocks, read_records, write_jsonl_atomic
 from distillery.record import dumps, ensure_id
 
 from curate.config import CurateConfig, resolve_path
@@ -409,10 +409,7 @@ def run(inputs: list[str], out_dir: str | Path, config: CurateConfig, ctx: Conte
             f.close()
     for n in names:  # atomic: a crash never leaves half a result behind
         os.replace(tmp[n], out / f"{n}.jsonl")
-    with open(out / ".quarantine.tmp", "w", encoding="utf-8") as f:
-        for p in summary.problems:
-            f.write(dumps(p.to_quarantine()) + "\n")
-    os.replace(out / ".quarantine.tmp", out / "quarantine.jsonl")
+    write_jsonl_atomic(out / "quarantine.jsonl", (p.to_quarantine() for p in summary.problems))
     (out / REVIEW_MARKER).unlink(missing_ok=True)   # --force: the reviewed decisions are gone now
     write_report(out, build_report(summary, stats, paths, ctx))
     return summary

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from distillery.io import Problem, read_records, write_jsonl_atomic
-from distillery.record import canonical_hash, dumps, ensure_id, reference_format
+from distillery.io import ReadError, read_all, write_json_atomic, write_jsonl_atomic
+from distillery.record import canonical_hash, dumps, ensure_id, provenance, reference_format, review_decision
 
 DEFAULT_ROOT = "dataset/releases"
 EVAL_BUCKETS = 10_000
@@ -61,27 +61,13 @@ def _sha256_file(path: Path) -> str:
 
 def _read_all(path: Path) -> list[dict]:
     """Every record of a file, or ReleaseError naming the first bad line: a release is never cut from a partial read."""
-    records, problems = [], []
-    for item in read_records(path):
-        if isinstance(item, Problem):
-            if not (item.line == 0 and item.message == "empty file"):
-                problems.append(item)
-        else:
-            records.append(item.record)
-    if problems:
-        more = f" (and {len(problems) - 1} more bad lines)" if len(problems) > 1 else ""
-        raise ReleaseError(f"{problems[0]}{more}")
+    try:
+        records = read_all(path)
+    except ReadError as e:
+        raise ReleaseError(str(e)) from None
     for r in records:
         ensure_id(r)
     return records
-
-
-def _provenance(rec: dict) -> dict:
-    return (rec.get("meta") or {}).get("provenance") or {}
-
-
-def _review_decision(rec: dict) -> str | None:
-    return (_provenance(rec).get("review") or {}).get("decision")
 
 
 def _verdict(rec: dict) -> str | None:
@@ -115,7 +101,7 @@ def read_sources(srcs: list[str]) -> Sources:
             curated_from = []
         else:
             raise ReleaseError(f"{p}: no such file or folder")
-        out.rejected_by_review += sum(1 for r in others if _review_decision(r) == "reject")
+        out.rejected_by_review += sum(1 for r in others if review_decision(r) == "reject")
         kept = 0
         for r in taken:
             if r["id"] in seen:
@@ -169,7 +155,7 @@ def cell_counts(records: list[dict]) -> dict[str, dict[str, dict[str, int]]]:
 
 
 def _review_counts(records: list[dict], rejected_by_review: int) -> dict[str, int]:
-    d = Counter(_review_decision(r) for r in records)
+    d = Counter(review_decision(r) for r in records)
     return {"human_approved": d["approve"], "edited": d["approve-with-edit"], "rejected_by_review": rejected_by_review}
 
 
@@ -238,11 +224,6 @@ class Built:
     manifest: dict
 
 
-def _write_json(path: Path, value) -> None:
-    # indent=4 and ensure_ascii=False: the tutorial's huanhuan.json layout, readable Chinese
-    path.write_text(json.dumps(value, ensure_ascii=False, indent=4) + "\n", encoding="utf-8")
-
-
 def build_release(srcs: list[str], name: str, root: str | Path = DEFAULT_ROOT, eval_fraction: float = 0.05,
                   parent: str | None = "auto") -> Built:
     check_name(name)
@@ -271,7 +252,7 @@ def build_release(srcs: list[str], name: str, root: str | Path = DEFAULT_ROOT, e
         "cells": cell_counts(records),
         "sources": src.infos,
         "duplicate_ids_skipped": src.duplicate_ids[:100],
-        "runs": sorted({str(run) for run in (_provenance(r).get("run") for r in records) if run}),
+        "runs": sorted({str(run) for run in (provenance(r).get("run") for r in records) if run}),
         "recipes": [{"name": n, **({"hash": h} if h else {})} for n, h in _seen(records, "recipe", "recipe_hash")],
         "curation_config_hashes": dict(sorted(Counter(
             (r.get("curation") or {}).get("config_hash") or "(none)" for r in records).items())),
@@ -285,11 +266,11 @@ def build_release(srcs: list[str], name: str, root: str | Path = DEFAULT_ROOT, e
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write_json(tmp / "train.json", [reference_format(r) for r in train])
-        _write_json(tmp / "eval.json", [reference_format(r) for r in eval_])
+        # indent=4: the tutorial's huanhuan.json layout (write_json_atomic keeps the Chinese readable)
+        write_json_atomic(tmp / "train.json", [reference_format(r) for r in train], indent=4)
+        write_json_atomic(tmp / "eval.json", [reference_format(r) for r in eval_], indent=4)
         write_jsonl_atomic(tmp / "records.jsonl", records)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n",
-                                           encoding="utf-8")
+        write_json_atomic(tmp / "manifest.json", manifest)
         for f in tmp.iterdir():
             f.chmod(0o444)  # a release is read-only; exports/ is added beside the files, so the folder stays writable
         if final.exists():  # created by someone else meanwhile; rename would replace an empty folder silently

@@ -24,15 +24,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import html
-import json
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional
 
 import regex
 
-from distillery.record import VERDICTS
+from distillery.io import write_json_atomic, write_text_atomic
+from distillery.record import VERDICTS, provenance
 from distillery.text import char_count
 
 UNKNOWN = "(unknown)"
@@ -481,8 +480,9 @@ def rebuild_report(by_verdict: dict[str, list[dict]], old: dict, extra: dict, ct
         for rec in records:
             # the file decides the verdict; a copy, so the caller's records are left as written
             rec = {**rec, "curation": {"reasons": [], **(rec.get("curation") or {}), "verdict": verdict}}
-            edited = ((rec.get("meta") or {}).get("provenance") or {}).get("original_output") is not None
-            # an edited text's length reasons were about the old text: count its 字数 afresh
+            edited = provenance(rec).get("original_output") is not None
+            # 字数 of an edited text from the text: folders pulled before edits were re-curated keep reasons
+            # (and their 字数) about the old text
             stats.add(rec, char_count(rec["output"]) if edited else None)
     report = {k: old[k] for k in ("inputs", "config_hash", "config", "bad_lines", "bad_line_examples", "filters")
               if k in old}
@@ -496,9 +496,6 @@ def rebuild_report(by_verdict: dict[str, list[dict]], old: dict, extra: dict, ct
 
 
 def write_report(out_dir: Path, report: dict) -> None:
-    """report.json and report.html, each written to a temporary name first so a crash leaves no half file."""
-    for name, text in (("report.json", json.dumps(report, ensure_ascii=False, indent=2, sort_keys=True) + "\n"),
-                       ("report.html", render_html(report))):
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out_dir / name)
+    """report.json and report.html, each written atomically so a crash leaves no half file."""
+    write_json_atomic(out_dir / "report.json", report, indent=2, sort_keys=True)
+    write_text_atomic(out_dir / "report.html", render_html(report))

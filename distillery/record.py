@@ -10,7 +10,8 @@
 `instruction` / `input` / `output` are exactly the reference tutorial's format, so a release's train.json is
 just these three keys. Everything else (where a sample came from, how it was made, what happened to it) lives in
 `meta`, and the curator's verdict in `curation`. Stages add keys; none removes or rewrites another stage's keys,
-except that a reviewer's edit replaces `output` and keeps the original in `meta.provenance.original_output`.
+except that a reviewer's edit replaces `output` (the original kept in `meta.provenance.original_output`) and
+`curation` (re-checked on the new text; the earlier one kept in `meta.provenance.original_curation`).
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ META_FIELDS: dict[str, str] = {
     "finish_reason": "str: stop | length | content_filter | …",
     "attempts": "int: HTTP attempts it took",
     "created_at": "str: ISO-8601 UTC time the record was written",
-    "provenance": "dict: source ('teacher' | 'hand-written' | 'import'), author, run, review events",
+    "provenance": "dict: source ('teacher' | 'hand-written' | 'import'), author, run, review (decision, reviewer, "
+                  "…), original_output and original_curation after a reviewer's edit",
 }
 
 # `curation`, written by curate.

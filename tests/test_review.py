@@ -29,7 +29,7 @@ from distillery.record import dumps
 from curate.review import ReviewConfig
 from curate.review.client import connect, get_project
 from curate.review.labeling import result_for
-from curate.review.pull import _context, _recheck, folder_config, pull, status
+from curate.review.pull import _context, _recheck, _why_rejected, folder_config, pull, status
 from curate.review.push import existing_ids, push
 from curate.review.server import alive, running, serve
 
@@ -127,6 +127,12 @@ def test_round_trip(server, ls, tmp_path):
     a1 = next(x for x in approved if x["id"] == "d1")
     assert a1["output"] == GOOD and a1["meta"]["provenance"]["original_output"] == recs[1]["output"]
     assert a1["meta"]["provenance"]["review"]["decision"] == "approve-with-edit"
+    # the edit's curation is the re-check of the edited text (the old reasons were about the old text), kept apart
+    cfg_defaults, _ = folder_config({})
+    [fresh] = _recheck([{**recs[1], "output": GOOD}], _context(cfg_defaults))
+    assert a1["curation"] == {**fresh, "verdict": "approved"}
+    assert not any(x["detail"].startswith("doubt") for x in a1["curation"]["reasons"])
+    assert a1["meta"]["provenance"]["original_curation"] == recs[1]["curation"]
     a0 = next(x for x in approved if x["id"] == "d0")
     assert a0["output"] == recs[0]["output"] and a0["meta"]["provenance"]["review"]["reviewer"]
     assert a0["curation"]["verdict"] == "approved"
@@ -136,6 +142,9 @@ def test_round_trip(server, ls, tmp_path):
     d2 = next(x for x in doubtful if x["id"] == "d2")
     assert d2["curation"]["reasons"][-1]["filter"] == "review" and "length" in d2["curation"]["reasons"][-1]["detail"]
     assert d2["meta"]["provenance"]["original_output"] == recs[2]["output"]
+    assert d2["meta"]["provenance"]["original_curation"] == recs[2]["curation"]
+    assert "length" in [x["filter"] for x in d2["curation"]["reasons"][:-1]]   # the re-check of the edited text
+    assert not any(x["detail"].startswith("doubt") for x in d2["curation"]["reasons"])
     assert "conflict d4:" in r.stdout
     # report.json/html recounted from the files, with the review block
     report = json.loads((d / "report.json").read_text(encoding="utf-8"))
@@ -171,11 +180,14 @@ def test_edit_recheck_uses_the_folders_config(tmp_path):
     edited = {**rec, "output": GOOD}
     cfg, source = folder_config(report)
     assert source == "the folder's config (report.json)" and cfg.fragment_min_chars == 40
-    [why] = _recheck([edited], _context(cfg))
+    [cur] = _recheck([edited], _context(cfg))
+    why = _why_rejected(cur)
     assert why and why.startswith("length: fragment")
+    assert cur["config_hash"] == cfg.config_hash()
     defaults, source = folder_config({}, "no report.json")
     assert source == "CurateConfig defaults (no report.json)"
-    assert _recheck([edited], _context(defaults)) == [None]
+    [cur] = _recheck([edited], _context(defaults))
+    assert _why_rejected(cur) is None and cur["config_hash"] == defaults.config_hash()
 
 
 def test_bad_token_is_one_line(server):

@@ -9,20 +9,24 @@ An edit is re-checked by the curator (curate.pipeline.curate_records) with the c
 it comes out *rejected* (hard rule broken: length cap, forbidden phrase, ...) the record stays doubtful with a
 `review` reason. Doubtful-level signals do not block it: a human has just read the text.
 
+An edit that changed the text gets the re-check's `curation` (reasons and config_hash about the edited text; the
+verdict as above: approved, or doubtful if it failed), and the curator's earlier one moves to
+`meta.provenance.original_curation`, beside `original_output`, the text it was about. Both keep the first values
+when a text is edited again.
+
 Then DIR/report.json and report.html are recounted from the three files, with a `review` block.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from distillery.io import Located, read_records, write_jsonl_atomic
-from distillery.record import ensure_id
+from distillery.io import ReadError, read_all, write_json_atomic, write_jsonl_atomic
+from distillery.record import ensure_id, provenance, review_decision
 
 from curate.review import ReviewError
 from curate.review.client import annotated_tasks
@@ -91,9 +95,9 @@ def _context(cfg):
         raise ReviewError(f"cannot read the recipe {cfg.recipe!r} named by the folder's config: {e.strerror}") from None
 
 
-def _recheck(recs: list[dict], ctx) -> list[str | None]:
-    """Per edited record: None if it passes the curator (ctx: curate.filters.Context of the folder's config), else
-    why not. One curator pass for all of them."""
+def _recheck(recs: list[dict], ctx) -> list[dict]:
+    """Per edited record: the curator's `curation` of its text (ctx: curate.filters.Context of the folder's config).
+    One curator pass for all of them."""
     if not recs:
         return []
     from curate.pipeline import Summary, curate_records
@@ -102,27 +106,27 @@ def _recheck(recs: list[dict], ctx) -> list[str | None]:
         r = dict(rec)
         r.pop("curation", None)
         fresh.append(r)
-    why = {}   # keyed by object: the curator yields the records it was given, not necessarily in order
+    cur = {}   # keyed by object: the curator yields the records it was given, not necessarily in order
     for r in curate_records(fresh, ctx, Summary(), None):
-        cur = r["curation"]
-        why[id(r)] = None if cur["verdict"] != "rejected" else \
-            "; ".join(f"{x['filter']}: {x['detail']}" for x in cur["reasons"]) or "rejected"
-    return [why[id(r)] for r in fresh]
+        cur[id(r)] = r["curation"]
+    return [cur[id(r)] for r in fresh]
+
+
+def _why_rejected(cur: dict) -> str | None:
+    """None if a re-check's curation lets the edit through (not rejected), else why not."""
+    if cur["verdict"] != "rejected":
+        return None
+    return "; ".join(f"{x['filter']}: {x['detail']}" for x in cur["reasons"]) or "rejected"
 
 
 def _read(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for item in read_records(path):
-        if isinstance(item, Located):
-            ensure_id(item.record)
-            out.append(item.record)
-        elif item.line == 0 and item.message == "empty file":
-            continue
-        else:
-            raise ReviewError(str(item))   # never rewrite a file we could not fully read
-    return out
+    try:
+        records = read_all(path, missing_ok=True)
+    except ReadError as e:
+        raise ReviewError(str(e)) from None   # never rewrite a file we could not fully read
+    for rec in records:
+        ensure_id(rec)
+    return records
 
 
 def pull(ls, project, into: Path) -> Outcome:
@@ -179,7 +183,13 @@ def pull(ls, project, into: Path) -> Outcome:
     ctx = _context(cfg)
     checked = iter(_recheck([rec for rec, has_text in edits if has_text], ctx))
     for rec, has_text in edits:
-        why = next(checked) if has_text else "empty edited text"
+        fresh = next(checked) if has_text else None
+        why = _why_rejected(fresh) if fresh is not None else "empty edited text"
+        prov = provenance(rec)
+        if fresh is not None and "original_output" in prov:   # the old curation was about another text
+            if "curation" in rec:
+                prov.setdefault("original_curation", rec["curation"])
+            rec["curation"] = fresh
         if why:
             cur = rec.setdefault("curation", {"verdict": "doubtful", "reasons": []})
             cur["verdict"] = "doubtful"
@@ -203,12 +213,10 @@ def pull(ls, project, into: Path) -> Outcome:
 
 def review_counts(approved: list[dict], rejected: list[dict], doubtful: list[dict]) -> dict:
     """Reviewers' decisions the folder holds, this pull's and earlier ones' (from each record's provenance)."""
-    def decision(r):
-        return (((r.get("meta") or {}).get("provenance") or {}).get("review") or {}).get("decision")
-    n = Counter(decision(r) for r in approved)
+    n = Counter(map(review_decision, approved))
     return {"approved": n["approve"], "edited": n["approve-with-edit"],
-            "rejected": sum(1 for r in rejected if decision(r) == "reject"),
-            "edit_failed": sum(1 for r in doubtful if decision(r) == "approve-with-edit")}
+            "rejected": sum(1 for r in rejected if review_decision(r) == "reject"),
+            "edit_failed": sum(1 for r in doubtful if review_decision(r) == "approve-with-edit")}
 
 
 def _refresh_report(into: Path, old: dict, res: Outcome, ctx, by_verdict: dict[str, list[dict]]) -> None:
@@ -225,12 +233,10 @@ def write_review_marker(into: Path, records: list[dict]) -> None:
     """DIR/review.json: how many records carry reviewers' decisions, so `curate run --out DIR` can refuse to
     overwrite them without reading the files (curate.pipeline.reviewed_decisions). Atomic, like the files."""
     from curate.pipeline import REVIEW_MARKER   # lazy, like _recheck: the pipeline's imports are heavy
-    n = sum(1 for r in records if ((r.get("meta") or {}).get("provenance") or {}).get("review"))
+    n = sum(1 for r in records if provenance(r).get("review"))
     if not n:
         return
-    tmp = into / "review.json.tmp"
-    tmp.write_text(json.dumps({"reviewed": n, "by": "curate review pull"}) + "\n", encoding="utf-8")
-    os.replace(tmp, into / REVIEW_MARKER)
+    write_json_atomic(into / REVIEW_MARKER, {"reviewed": n, "by": "curate review pull"}, indent=None)
 
 
 @dataclass
