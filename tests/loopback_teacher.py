@@ -7,7 +7,10 @@ returns what was served. Use in-process (`with LoopbackTeacher(...) as t: t.base
 
 Faults: 429 (with Retry-After), 500, 503, drop (connection closed with no response), malformed (200 with a
 broken JSON body), slow (sleeps `slow_s`), length (finish_reason "length"), 400 (a request the server rejects),
-401 (every request, see `api_key`). `last_request` holds the headers (lower-cased names) and JSON body of the latest chat request.
+401 (every request, see `api_key`), truncate (a 200 whose body stops half-way, shorter than its Content-Length),
+reset (TCP RST, no response), empty (200, finish_reason "stop", content null), html (502 with a proxy's HTML page).
+Not faults but odd good answers: close (the server closes the keep-alive connection after it), gzip (the body
+gzip-compressed). `last_request` holds the headers (lower-cased names) and JSON body of the latest chat request.
 
 Answers: by default one stock line with the prompt's digest (cheap, unique, but junk to the curator). With
 `greetings=True` (`--greetings`) it answers like a teacher: a hand-written held-out greeting that fits the prompt's
@@ -21,6 +24,8 @@ import asyncio
 import hashlib
 import json
 import re
+import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -28,7 +33,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-FAULTS = ("429", "500", "503", "drop", "malformed", "slow", "length", "400")
+# new kinds go at the end: a fault is picked by cumulative probability in this order, so appending keeps the
+# fault sequence of every existing mix (and the benchmark's numbers) unchanged
+FAULTS = ("429", "500", "503", "drop", "malformed", "slow", "length", "400",
+          "truncate", "reset", "empty", "html", "close", "gzip")
 REFERENCE = Path(__file__).resolve().parents[1] / "dataset" / "reference"
 
 
@@ -157,24 +165,47 @@ class LoopbackTeacher:
         if fault == "drop":
             request.transport.close()  # connection closed mid-request, no response at all
             raise asyncio.CancelledError
+        if fault == "reset":  # SO_LINGER 0: the close sends RST, the client sees "connection reset by peer"
+            request.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                                  struct.pack("ii", 1, 0))
+            request.transport.abort()
+            raise asyncio.CancelledError
+        if fault == "html":
+            return web.Response(status=502, text="<html><body><h1>502 Bad Gateway</h1></body></html>",
+                                content_type="text/html")
         if fault == "malformed":
             return web.Response(status=200, body=b'{"id": "x", "choices": [{"mess', content_type="application/json")
         if fault == "slow":
             await asyncio.sleep(self.slow_s)
+        if fault == "truncate":
+            whole = json.dumps({"id": "x", "object": "chat.completion", "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "祝您万事如意"}}]})
+            resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+            resp.content_length = len(whole)
+            await resp.prepare(request)
+            await resp.write(whole[: len(whole) // 2].encode())
+            request.transport.close()
+            raise asyncio.CancelledError
         n = int(body.get("n") or 1)
         finish = "length" if fault == "length" else "stop"
         digest = hashlib.sha256(content.encode()).hexdigest()[:6]
         texts = ([self.book.answer(content, key, i) for i in range(n)] if self.book
                  else [f"  祝您万事如意，心想事成！({digest}-{i})\n" for i in range(n)])
-        choices = [{"index": i, "finish_reason": finish, "message": {"role": "assistant", "content": text}}
+        choices = [{"index": i, "finish_reason": finish,
+                    "message": {"role": "assistant", "content": None if fault == "empty" else text}}
                    for i, text in enumerate(texts)]
-        if finish == "stop":
+        if finish == "stop" and fault != "empty":
             self.served_ok[key] += 1
-        return web.json_response({
+        resp = web.json_response({
             "id": f"chatcmpl-{digest}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model", "loopback"), "choices": choices,
             "usage": {"prompt_tokens": len(content), "completion_tokens": 20 * n, "total_tokens": len(content) + 20 * n},
         })
+        if fault == "close":
+            resp.force_close()
+        elif fault == "gzip":
+            resp.enable_compression(web.ContentCoding.gzip)
+        return resp
 
     def _app(self) -> web.Application:
         app = web.Application(client_max_size=8 * 1024 * 1024)

@@ -114,6 +114,25 @@ def test_fault_mix_every_prompt_ends_as_one_record_or_one_failure(tmp_path, monk
     assert lines(tmp_path / "failures.jsonl") == []
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_faults_beyond_the_benchmark_mix_end_as_records(tmp_path, monkeypatch, capfd, transport):
+    # what other servers and proxies do: a body cut short of its Content-Length, a TCP reset, a null answer, a
+    # proxy's HTML 502, and good answers that close the connection or come gzip-compressed
+    faults = {"truncate": 0.1, "reset": 0.1, "empty": 0.1, "html": 0.1, "close": 0.1, "gzip": 0.1}
+    with LoopbackTeacher(latency=0.005, faults=faults, retry_after=0.1) as t:
+        r = run_inproc(monkeypatch, capfd, tmp_path, 60, t.base_url, "--concurrency", "8", "--transport", transport)
+        stats = t.stats()
+    assert set(faults) <= set(stats["outcomes"])
+    assert r.returncode == 0, r.stderr
+    pids = [x["meta"]["prompt_id"] for x in lines(tmp_path / "samples.jsonl")]
+    assert sorted(pids) == sorted(plan_ids(60)) and lines(tmp_path / "failures.jsonl") == []
+    assert all(x["output"].startswith("祝您") for x in lines(tmp_path / "samples.jsonl"))
+    # an answer that closed its connection or came compressed was taken as it was: no second request
+    odd_first = [k for k in stats["seen"] if t._fault(k, 0) in ("close", "gzip")]
+    assert odd_first and all(stats["seen"][k] == 1 for k in odd_first)
+    assert_no_key(tmp_path, r.stdout, r.stderr)
+
+
 def test_kill_9_then_rerun_completes_without_duplicates_or_repeat_calls(tmp_path):
     ids = plan_ids(100)
     with LoopbackTeacher(latency=0.05) as t:

@@ -56,6 +56,9 @@ def test_request_on_the_wire_and_reply(kind):
     ("drop", "connection error", True, False),
     ("malformed", "malformed response", False, False),
     ("slow", "timeout after 0.3 s", False, False),
+    ("truncate", "connection error", True, False),
+    ("reset", "connection error", True, False),
+    ("html", "HTTP 502", False, False),
 ])
 def test_faults_are_read_the_same_way(kind, fault, reason, connection, throttled):
     with LoopbackTeacher(faults={fault: 1.0}, retry_after=0.25, slow_s=2.0) as t:
