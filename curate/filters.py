@@ -52,11 +52,17 @@ class Context:
         self.input_re = regex.compile(
             rf"^\s*祝?(?P<recipient>.*?)(?P<wish>{alt(self.scene_of_wish)})\s*[,，]?\s*(?:(?P<style>{alt(self.styles)})风格)?")
         self.slang_re = regex.compile("|".join(regex.escape(s) for s in config.slang), regex.I) if config.slang else None
-        # A salutation at the start ("亲爱的妈妈…") or a vocative first clause ("老公，…") naming recipients
-        # (the recipe's, or a short form of one): who the text is addressed to, for the fit filter.
+        # Who the text is addressed to, for the fit filter: recipients (the recipe's, or a short form of one; 爸爸妈妈,
+        # 妈妈和外婆 name both) in a salutation at the start ("亲爱的妈妈…"), a vocative first clause ("老公，…"), a
+        # name opening a wish ("妈妈生日快乐", "老公你辛苦了"), else right after the first 祝 that wishes someone
+        # ("值此佳节，恭祝李总…"; not 也祝/代我祝, which wish a third person). No match, or no names: not addressed.
         names = alt(set(self.relation_of) | set(ADDRESS_FORMS))
-        self.address_re = regex.compile(rf"^\s*(?:(?:{SALUTATION})\s*(?P<names>(?:{names})+)"
-                                        rf"|(?P<names>(?:{names})+)们?\s*[，,！!：:~、\s])")
+        group = rf"(?:{names})(?:(?:[和与及、&]|以及)?(?:{names}))*"
+        self.address_re = regex.compile(rf"^\s*(?:(?:{SALUTATION})\s*(?P<names>{group})"
+                                        rf"|(?P<names>{group})们?(?:\s*[，,！!：:~、\s]|(?:{ADDRESS_WISH})))")
+        # A separate search, run only on text with a 祝: one lazy scan in address_re would cost every record.
+        self.wished_re = regex.compile(rf"(?<![也还顺并庆]|[代替帮][我您你他她])祝[福贺]?(?:(?:{SALUTATION})\s*)?"
+                                       rf"(?:(?P<names>{group})|[您你])")
         self.address_name_re = regex.compile(names)
 
     def resolve(self, rec: dict) -> dict:
@@ -333,9 +339,10 @@ class FitFilter:
                 if other == "康复" and scene not in ("康复",) and "病" not in m.group():
                     return Verdict(DOUBTFUL, f"names another occasion ({m.group()}) than {scene}")
         recipient = info.get("recipient")
-        if recipient and (m := ctx.address_re.match(out)):
+        m = recipient and (ctx.address_re.match(out) or ("祝" in out and ctx.wished_re.search(out)))
+        if m and m["names"]:
             addressed = ctx.address_name_re.findall(m["names"])
-            if not any(_may_address(a, recipient, ctx) for a in addressed):
+            if not any(_may_address(a, recipient, ctx) for a in addressed) and not _mentioned(out, m, recipient, ctx):
                 return Verdict(DOUBTFUL, f"addressed to {'、'.join(addressed)}, not {recipient}")
         if relation == "晚辈" and "您" in out:
             return Verdict(DOUBTFUL, "您 to a younger person")
@@ -358,6 +365,12 @@ ADDRESS_FORMS = {"妈": {"妈妈"}, "老妈": {"妈妈"}, "爸": {"爸爸", "岳
                  "老师": {"王教授"}}
 SAME_PERSON = {"岳父": {"爸爸"}}   # a son-in-law calls his father-in-law 爸爸
 GENERIC_ADDRESS = {"领导": {"上级"}, "同事": {"同事"}, "合作伙伴": {"客户"}}   # anyone of these relations
+# What makes a bare name opening the text its addressee: a wish (妈妈生日快乐, 奶奶过年好, 舅舅重阳节安康) or 您/你
+# (老公你辛苦了), not a subject (妈妈说…, 妈妈生日那天…, 男朋友可以没有…). 好 only in set phrases (妈妈过年好忙 tells).
+ADDRESS_WISH = ("(?:" + "|".join(sorted({w for ws in OCCASION_WORDS.values() for w in ws}
+                                        | {"节日", "佳节", "节", "日", "金婚", "银婚", "结婚"}, key=len, reverse=True))
+                + ")+(?:快乐|安康|大吉|大喜|之喜|吉祥|顺利)|(?:新年|过年|春节|新春|节日)好"
+                "|快乐|安康|身体健康|健康长寿|万事如意|早日康复|恭喜|辛苦|您|你")
 
 
 def _may_address(name: str, recipient: str, ctx) -> bool:
@@ -366,6 +379,16 @@ def _may_address(name: str, recipient: str, ctx) -> bool:
             or name in SAME_PERSON.get(recipient, ())
             or ctx.relation_of.get(recipient) in GENERIC_ADDRESS.get(name, ())       # 领导 to 李总
             or ctx.relation_of.get(name) in GENERIC_ADDRESS.get(recipient, ()))      # 小刘 to 同事
+
+
+def _mentioned(out: str, m, recipient: str, ctx) -> bool:
+    """Names the address pattern found that do not address after all: a possessive (祝妈妈的宝贝女儿…), the head of a
+    longer word (老公公, 老婆婆 — not 姐姐姐夫), or the text named the recipient before them (…外婆！祝妈妈也…)."""
+    end, last = m.end("names"), ctx.address_name_re.findall(m["names"])[-1]
+    after = out[end:end + 1]
+    if after == "的" or (after == last[-1] and len(last) > 1 and last[-2] != last[-1]):
+        return True
+    return any(_may_address(a, recipient, ctx) for a in ctx.address_name_re.findall(out, 0, m.start("names")))
 
 
 OFFICIALESE = re.compile(r"谨向|致以|崇高的敬意|值此.{0,8}之际.{0,10}(?:谨|致)|尊敬的(?:夫人|先生|女士)")

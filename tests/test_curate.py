@@ -77,6 +77,15 @@ CASES = [  # (filter, record, expected verdict)
     ("fit", rec("老公，生日快乐！爱你哟。", recipient="闺蜜", relation="朋友"), "doubtful"),
     ("fit", rec("尊敬的李总：生日快乐！", recipient="张经理", relation="上级"), "doubtful"),
     ("fit", rec("老妈，生日快乐！", recipient="外婆"), "doubtful"),
+    # … or with no punctuation: a name opening a wish or 您/你, or right after the first 祝 that wishes someone
+    ("fit", rec("妈妈生日快乐", recipient="外婆"), "doubtful"),
+    ("fit", rec("妈妈生日快乐，外婆也要开心哦！", recipient="外婆"), "doubtful"),
+    ("fit", rec("亲爱的妈妈节日快乐", recipient="外婆"), "doubtful"),
+    ("fit", rec("祝妈妈身体健康，天天开心！", recipient="外婆"), "doubtful"),
+    ("fit", rec("祝亲爱的妈妈生日快乐！", recipient="外婆"), "doubtful"),
+    ("fit", rec("值此生日之际，恭祝李总身体康健。", recipient="张经理", relation="上级"), "doubtful"),
+    ("fit", rec("老公你辛苦了，生日快乐！", recipient="闺蜜", relation="朋友"), "doubtful"),
+    ("fit", rec("爸爸和妈妈，生日快乐！", recipient="外婆"), "doubtful"),
     ("language", rec("Happy birthday，妈妈！"), "rejected"),
     ("language", rec("祝您生日快樂，萬事如意"), "rejected"),
     ("language", rec("ç¥ä½ ç生日"), "rejected"),
@@ -107,6 +116,23 @@ GOOD_CASES = [  # (filter, record): nothing to say
     ("fit", rec("孩子他妈，生日快乐！辛苦了。", recipient="老公", relation="伴侣")),        # mentions, not addressed
     ("fit", rec("祝您和家人生日快乐，妈妈也身体健康！", recipient="李总", relation="上级")),
     ("fit", rec("我的女儿长大了，生日快乐！", recipient="老公", relation="伴侣")),
+    # a name that is not the addressee: inside the text, a subject, after also-祝/代我祝, a possessive, a longer word
+    ("fit", rec("像妈妈一样温柔的外婆，生日快乐！", recipient="外婆")),
+    ("fit", rec("祝外婆生日快乐，也谢谢妈妈把我养大！", recipient="外婆")),
+    ("fit", rec("外婆生日快乐！妈妈让我问您好。", recipient="外婆")),
+    ("fit", rec("妈妈说您最爱吃桃，祝外婆生日快乐！", recipient="外婆")),
+    ("fit", rec("妈妈生日那天您做的长寿面，我一直记得。", recipient="外婆")),
+    ("fit", rec("祝妈妈和外婆都生日快乐！", recipient="外婆")),
+    ("fit", rec("生日快乐！也祝妈妈天天开心。", recipient="外婆")),
+    ("fit", rec("请代我祝妈妈生日快乐，外婆！", recipient="外婆")),
+    ("fit", rec("外婆，生日快乐！祝妈妈也天天开心。", recipient="外婆")),
+    ("fit", rec("生日快乐，我最爱的外婆！祝妈妈和舅舅也天天开心。", recipient="外婆")),   # named before the 祝
+    ("fit", rec("妈妈祝你生日快乐！", recipient="女儿", relation="晚辈")),
+    ("fit", rec("祝妈妈的宝贝女儿生日快乐！", recipient="女儿", relation="晚辈")),
+    ("fit", rec("祝老公公身体健康，生日快乐！", recipient="爷爷")),
+    ("fit", rec("男朋友可以没有，生日蛋糕不能没有！", recipient="闺蜜", relation="朋友")),
+    ("fit", rec("值此生日之际，恭祝老师身体康健。", recipient="赵老师", relation="师长")),
+    ("fit", rec("爸爸生日快乐！祝您身体健康。", recipient="岳父")),
     ("language", GOOD),
 ]
 
@@ -121,6 +147,29 @@ def test_filter_catches(ctx, name, r, want):
 @pytest.mark.parametrize("name,r", GOOD_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(GOOD_CASES)])
 def test_filter_passes_good(ctx, name, r):
     assert verdict(ctx, name, r) is None
+
+
+def test_fit_recipients_whose_names_overlap(tmp_path):
+    """A recipe whose recipients contain or overlap one another (外婆/婆婆, 老公/公公, 赵老师/老师): each text addresses
+    its own recipient, however the name is written; only a different person is flagged."""
+    recipe = (ROOT / "dataset/recipes/blessing.toml").read_text(encoding="utf-8")
+    for name, relation in (("婆婆", "长辈"), ("公公", "长辈"), ("老师", "师长")):
+        recipe += f'\n[[recipients]]\nname = "{name}"\nrelation = "{relation}"\n'
+    (tmp_path / "r.toml").write_text(recipe, encoding="utf-8")
+    cx = Context(CurateConfig(dedup_reference=""), str(tmp_path / "r.toml"))
+    fine = {"外婆": ["外婆生日快乐！", "祝外婆身体健康！"], "婆婆": ["婆婆生日快乐！", "祝公公婆婆身体健康！"],
+            "老公": ["老公生日快乐！", "祝老公身体健康！"], "公公": ["公公生日快乐！", "祝公公婆婆身体健康！"],
+            "爷爷": ["祝老公公身体健康，生日快乐！"], "赵老师": ["老师生日快乐！", "祝老师身体健康！"],
+            "老师": ["赵老师生日快乐！", "祝赵老师身体健康！"]}
+    wrong = {"外婆": "婆婆生日快乐！", "婆婆": "外婆生日快乐！", "公公": "老公生日快乐！", "老公": "祝公公身体健康！"}
+    for recipient, texts in fine.items():
+        for text in texts:
+            r = rec(text, recipient=recipient, relation=cx.relation_of[recipient])
+            assert ALL["fit"]().check(r, cx.resolve(r), cx) is None, (recipient, text)
+    for recipient, text in wrong.items():
+        r = rec(text, recipient=recipient, relation=cx.relation_of[recipient])
+        v = ALL["fit"]().check(r, cx.resolve(r), cx)
+        assert v is not None and v.verdict == "doubtful" and recipient in v.detail, (recipient, text, v)
 
 
 def test_meta_derived_from_input(ctx):
