@@ -10,6 +10,11 @@ A release folder holds
     manifest.json   counts (total and per scene × style), sources, recipes, filter configs, review decisions,
                     content hash, parent release, eval rule
 
+Built in two passes, so that memory holds no full record (~1.2 GB → ~140 MB at 200k, docs/benchmarks.md): the first
+reads the sources and keeps per taken record its id, where its line is and its reference-format text for
+content_hash, plus the manifest's counts (a JSON-array source, read whole anyway, is kept as text); the second reads
+the records back in id order and streams the files.
+
 The eval split is a pure function of the id (sha256(id) mod 10 000 < fraction·10 000), so a sample stays on the same
 side in every release of a growing corpus: a refresh never leaks an earlier eval sample into training.
 """
@@ -19,13 +24,17 @@ import hashlib
 import json
 import os
 import shutil
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
-from distillery.io import ReadError, read_all, write_json_atomic, write_jsonl_atomic
-from distillery.record import canonical_hash, dumps, ensure_id, provenance, reference_format, review_decision
+import orjson
+
+from distillery.io import Block, Located, ReadError, parse_block, read_all, read_blocks, write_json_atomic
+from distillery.record import dumps, ensure_id, provenance, reference_format, review_decision
 
 DEFAULT_ROOT = "dataset/releases"
 EVAL_BUCKETS = 10_000
@@ -41,13 +50,50 @@ class ReleaseError(Exception):
     """A user-facing problem (bad source, existing release, bad name): one line, exit code 2."""
 
 
-# ---------------------------------------------------------------- reading sources
+# ---------------------------------------------------------------- reading sources (pass 1)
+
+@dataclass
+class Tally:
+    """The manifest's aggregates over the taken records, added one record at a time: no record is kept."""
+
+    eval_fraction: float
+    cells: Counter = field(default_factory=Counter)          # (scene, style, split) → n
+    runs: set = field(default_factory=set)
+    recipes: set = field(default_factory=set)                # (recipe, recipe_hash) tuples
+    config_hashes: Counter = field(default_factory=Counter)
+    decisions: Counter = field(default_factory=Counter)      # review_decision → n
+    # per split, UTF-8 dumps of the reference format, for content_hash (bytes: smaller than str once there is an emoji)
+    texts: dict = field(default_factory=lambda: {"train": [], "eval": []})
+
+    def add(self, rec: dict) -> None:
+        split = "eval" if is_eval(rec["id"], self.eval_fraction) else "train"
+        self.cells[(*_cell(rec), split)] += 1
+        run = provenance(rec).get("run")
+        if run:
+            self.runs.add(str(run))
+        meta = rec.get("meta") or {}
+        recipe = (meta.get("recipe"), meta.get("recipe_hash"))
+        if any(x is not None for x in recipe):
+            self.recipes.add(recipe)
+        self.config_hashes[(rec.get("curation") or {}).get("config_hash") or "(none)"] += 1
+        self.decisions[review_decision(rec)] += 1
+        self.texts[split].append(dumps(reference_format(rec)).encode("utf-8"))
+
 
 @dataclass
 class Sources:
-    records: list[dict] = field(default_factory=list)        # approved records, first occurrence of each id
+    """Pass 1's result: where each taken record is (approved, first occurrence of its id), not the record itself."""
+
+    tally: Tally
     infos: list[dict] = field(default_factory=list)          # one per SRC: path, file, sha256, counts
-    duplicate_ids: list[str] = field(default_factory=list)   # later occurrences skipped
+    files: list[tuple[str, int, int]] = field(default_factory=list)  # per SRC: file read, its size and mtime_ns
+    ids: list[str] = field(default_factory=list)             # per taken record, in read order
+    source: array = field(default_factory=lambda: array("I"))  # its SRC's index in files
+    offset: array = field(default_factory=lambda: array("q"))  # its line's byte offset; -1: its text is in held
+    size: array = field(default_factory=lambda: array("q"))    # its line's length in bytes, or its index in held
+    held: list[str] = field(default_factory=list)            # dumps of records from JSON arrays: no line to seek to
+    duplicates: int = 0                                      # later occurrences of an id, skipped
+    duplicate_ids: list[str] = field(default_factory=list)   # the first 100 of them
     rejected_by_review: int = 0                              # reviewers' rejections seen in the sources
 
 
@@ -59,59 +105,80 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_all(path: Path) -> list[dict]:
-    """Every record of a file, or ReleaseError naming the first bad line: a release is never cut from a partial read."""
-    try:
-        records = read_all(path)
-    except ReadError as e:
-        raise ReleaseError(str(e)) from None
-    for r in records:
-        ensure_id(r)
-    return records
+def _scan(path: Path) -> Iterator[tuple[dict, int, int]]:
+    """Every record of a file with its line's (offset, size) ((-1, -1) in a JSON array), then ReleaseError naming the
+    first bad line as read_all words it: a release is never cut from a partial read."""
+    p, first, bad = str(path), None, 0
+    for x in read_blocks(p):
+        if isinstance(x, Block):
+            items = ((x.offset + at, len(raw), item) for at, raw, item in parse_block(x.data, p, x.line))
+        else:
+            items = ((-1, -1, x),)
+        for offset, size, item in items:
+            if isinstance(item, Located):
+                ensure_id(item.record)
+                yield item.record, offset, size
+            elif not (item.line == 0 and item.message == "empty file"):
+                first, bad = first or item, bad + 1
+    if first:
+        more = f" (and {bad - 1} more bad lines)" if bad > 1 else ""
+        raise ReleaseError(f"{first}{more}")
 
 
 def _verdict(rec: dict) -> str | None:
     return (rec.get("curation") or {}).get("verdict")
 
 
-def read_sources(srcs: list[str]) -> Sources:
+def read_sources(srcs: list[str], eval_fraction: float) -> Sources:
     """A folder contributes its approved.jsonl (what `curate run` and `review pull` write); a file contributes the
     records whose curation.verdict is approved."""
-    out = Sources()
+    out = Sources(Tally(eval_fraction))
     seen: set[str] = set()
-    for src in srcs:
+    for k, src in enumerate(srcs):
         p = Path(src)
         if p.is_dir():
             path = p / "approved.jsonl"
             if not path.exists():
                 raise ReleaseError(f"{p}: no approved.jsonl (expected a `curate run --out` folder)")
-            taken = _read_all(path)  # approved by construction (run and review pull write only those here)
             rejected_file = p / "rejected.jsonl"
-            others = _read_all(rejected_file) if rejected_file.exists() else []
             curated_from = _curated_from(p)
         elif p.exists():
-            path = p
-            records = _read_all(path)
-            uncurated = sum(1 for r in records if _verdict(r) is None)
-            if uncurated:  # never drop them silently: they were simply not judged yet
-                raise ReleaseError(f"{p}: {uncurated} of {len(records)} records have no curation verdict; "
-                                   f"run `python -m curate run {p} --out DIR` and release DIR")
-            taken = [r for r in records if _verdict(r) == "approved"]
-            others = [r for r in records if _verdict(r) == "rejected"]
-            curated_from = []
+            path, rejected_file, curated_from = p, None, []
         else:
             raise ReleaseError(f"{p}: no such file or folder")
-        out.rejected_by_review += sum(1 for r in others if review_decision(r) == "reject")
-        kept = 0
-        for r in taken:
+        st = path.stat()
+        out.files.append((str(path), st.st_size, st.st_mtime_ns))
+        approved = kept = uncurated = total = 0
+        for r, offset, size in _scan(path):
+            total += 1
+            verdict = "approved" if rejected_file else _verdict(r)  # a folder's approved.jsonl: by construction
+            if verdict == "rejected":
+                out.rejected_by_review += int(review_decision(r) == "reject")
+            uncurated += verdict is None
+            if verdict != "approved":
+                continue
+            approved += 1
             if r["id"] in seen:
-                out.duplicate_ids.append(r["id"])
+                out.duplicates += 1
+                if len(out.duplicate_ids) < 100:
+                    out.duplicate_ids.append(r["id"])
                 continue
             seen.add(r["id"])
-            out.records.append(r)
+            out.tally.add(r)
+            out.ids.append(r["id"])
+            out.source.append(k)
+            if offset < 0:
+                size = len(out.held)
+                out.held.append(dumps(r))
+            out.offset.append(offset)
+            out.size.append(size)
             kept += 1
-        info = {"path": str(p), "file": str(path), "sha256": _sha256_file(path), "approved": len(taken),
-                "taken": kept}
+        if uncurated:  # never drop them silently: they were simply not judged yet
+            raise ReleaseError(f"{p}: {uncurated} of {total} records have no curation verdict; "
+                               f"run `python -m curate run {p} --out DIR` and release DIR")
+        if rejected_file and rejected_file.exists():
+            out.rejected_by_review += sum(review_decision(r) == "reject" for r, _, _ in _scan(rejected_file))
+        info = {"path": str(p), "file": str(path), "sha256": _sha256_file(path), "approved": approved, "taken": kept}
         if curated_from:
             info["curated_from"] = curated_from
         out.infos.append(info)
@@ -136,8 +203,25 @@ def is_eval(record_id: str, fraction: float) -> bool:
 def content_hash(train: list[dict], eval_: list[dict]) -> str:
     """Hash of what a trainer sees, order-independent: the same samples in the same splits give the same hash."""
     def norm(rs):
-        return sorted(dumps(reference_format(r)) for r in rs)
-    return canonical_hash({"train": norm(train), "eval": norm(eval_)})
+        return [dumps(reference_format(r)).encode("utf-8") for r in rs]
+    return _texts_hash(norm(train), norm(eval_))
+
+
+def _texts_hash(train: list[bytes], eval_: list[bytes]) -> str:
+    """canonical_hash({"train": sorted texts, "eval": sorted texts}) without building that document whole; sorts the
+    lists in place. UTF-8 bytes sort as their strings do (code point order)."""
+    h = hashlib.sha256()
+    enc = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # canonical_hash's form
+    for i, (key, texts) in enumerate((("eval", eval_), ("train", train))):  # sort_keys: eval first
+        texts.sort()
+        h.update(f'{"{" if i == 0 else ","}{enc(key)}:['.encode("utf-8"))
+        step = 4096  # strings decoded at a time
+        for j in range(0, len(texts), step):
+            chunk = enc([t.decode("utf-8") for t in texts[j:j + step]])[1:-1]
+            h.update((("," if j else "") + chunk).encode("utf-8"))
+        h.update(b"]")
+    h.update(b"}")
+    return h.hexdigest()
 
 
 def _cell(rec: dict) -> tuple[str, str]:
@@ -145,29 +229,12 @@ def _cell(rec: dict) -> tuple[str, str]:
     return meta.get("scene") or NONE_CELL, meta.get("style") or NONE_CELL
 
 
-def cell_counts(records: list[dict]) -> dict[str, dict[str, dict[str, int]]]:
+def _cells(tally: Tally) -> dict[str, dict[str, dict[str, int]]]:
     """{scene: {style: {"train": n, "eval": m}}}, sorted for stable manifests."""
-    c = Counter((*_cell(r), r["split"]) for r in records)
     out: dict = {}
-    for (scene, style, split), n in sorted(c.items()):
+    for (scene, style, split), n in sorted(tally.cells.items()):
         out.setdefault(scene, {}).setdefault(style, {"train": 0, "eval": 0})[split] = n
     return out
-
-
-def _review_counts(records: list[dict], rejected_by_review: int) -> dict[str, int]:
-    d = Counter(review_decision(r) for r in records)
-    return {"human_approved": d["approve"], "edited": d["approve-with-edit"], "rejected_by_review": rejected_by_review}
-
-
-def _seen(records: list[dict], *keys: str) -> list:
-    """Distinct values of meta keys (a tuple per record), sorted; records without them are left out."""
-    vals = set()
-    for r in records:
-        meta = r.get("meta") or {}
-        v = tuple(meta.get(k) for k in keys)
-        if any(x is not None for x in v):
-            vals.add(v)
-    return sorted(vals, key=lambda t: tuple(str(x) for x in t))
 
 
 # ---------------------------------------------------------------- finding releases
@@ -216,7 +283,7 @@ def _parent(parent: str | None, root: Path) -> dict | None:
     return {"name": m.get("name", path.name), "content_hash": m.get("content_hash")}
 
 
-# ---------------------------------------------------------------- building
+# ---------------------------------------------------------------- building (pass 2)
 
 @dataclass
 class Built:
@@ -233,43 +300,38 @@ def build_release(srcs: list[str], name: str, root: str | Path = DEFAULT_ROOT, e
     final = root / name
     if final.exists():
         raise ReleaseError(f"{final}: release already exists; releases are immutable, choose a new --name")
-    src = read_sources(srcs)
-    if not src.records:
+    src = read_sources(srcs, eval_fraction)
+    if not src.ids:
         raise ReleaseError(f"no approved records in {', '.join(srcs)}: nothing to release")
     par = _parent(parent, root)
 
-    records = sorted(src.records, key=lambda r: r["id"])  # a stable order: small diffs between releases
-    for r in records:
-        r["split"] = "eval" if is_eval(r["id"], eval_fraction) else "train"
-    train = [r for r in records if r["split"] == "train"]
-    eval_ = [r for r in records if r["split"] == "eval"]
+    t = src.tally
+    n_train, n_eval = len(t.texts["train"]), len(t.texts["eval"])
     manifest = {
         "name": name,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
         "format": "train.json / eval.json: JSON array of {instruction, input, output}",
-        "counts": {"train": len(train), "eval": len(eval_), "total": len(records),
-                   "duplicates_skipped": len(src.duplicate_ids)},
-        "cells": cell_counts(records),
+        "counts": {"train": n_train, "eval": n_eval, "total": len(src.ids), "duplicates_skipped": src.duplicates},
+        "cells": _cells(t),
         "sources": src.infos,
-        "duplicate_ids_skipped": src.duplicate_ids[:100],
-        "runs": sorted({str(run) for run in (provenance(r).get("run") for r in records) if run}),
-        "recipes": [{"name": n, **({"hash": h} if h else {})} for n, h in _seen(records, "recipe", "recipe_hash")],
-        "curation_config_hashes": dict(sorted(Counter(
-            (r.get("curation") or {}).get("config_hash") or "(none)" for r in records).items())),
-        "review": _review_counts(records, src.rejected_by_review),
-        "content_hash": content_hash(train, eval_),
+        "duplicate_ids_skipped": src.duplicate_ids,
+        "runs": sorted(t.runs),
+        "recipes": [{"name": n, **({"hash": h} if h else {})}
+                    for n, h in sorted(t.recipes, key=lambda v: tuple(str(x) for x in v))],
+        "curation_config_hashes": dict(sorted(t.config_hashes.items())),
+        "review": {"human_approved": t.decisions["approve"], "edited": t.decisions["approve-with-edit"],
+                   "rejected_by_review": src.rejected_by_review},
+        "content_hash": _texts_hash(t.texts["train"], t.texts["eval"]),
         "parent": par,
         "eval_rule": {"fraction": eval_fraction, "method": EVAL_METHOD},
     }
+    t.texts.clear()  # the largest thing pass 1 kept: not needed to write the files
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        # indent=4: the tutorial's huanhuan.json layout (write_json_atomic keeps the Chinese readable)
-        write_json_atomic(tmp / "train.json", [reference_format(r) for r in train], indent=4)
-        write_json_atomic(tmp / "eval.json", [reference_format(r) for r in eval_], indent=4)
-        write_jsonl_atomic(tmp / "records.jsonl", records)
+        _write_files(src, tmp)
         write_json_atomic(tmp / "manifest.json", manifest)
         for f in tmp.iterdir():
             f.chmod(0o444)  # a release is read-only; exports/ is added beside the files, so the folder stays writable
@@ -282,6 +344,66 @@ def build_release(srcs: list[str], name: str, root: str | Path = DEFAULT_ROOT, e
     return Built(final, manifest)
 
 
+def _records_by_id(src: Sources) -> Iterator[dict]:
+    """The taken records, read back one at a time in id order (a stable order: small diffs between releases)."""
+    fds: dict[int, int] = {}
+    try:
+        for i in sorted(range(len(src.ids)), key=src.ids.__getitem__):
+            offset, size = src.offset[i], src.size[i]
+            if offset < 0:
+                rec = json.loads(src.held[size])  # json, as read_blocks parsed the array: integers of any size
+            else:
+                k = src.source[i]
+                path, st_size, mtime_ns = src.files[k]
+                if k not in fds:
+                    fds[k] = os.open(path, os.O_RDONLY)
+                    st = os.fstat(fds[k])
+                    if (st.st_size, st.st_mtime_ns) != (st_size, mtime_ns):
+                        raise ReleaseError(f"{path}: changed while the release was built; run it again")
+                raw = os.pread(fds[k], size, offset)
+                if offset == 0 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]  # the BOM parse_line dropped from line 1
+                rec = orjson.loads(raw)  # as parse_line read it: the same bytes give the same record
+                ensure_id(rec)
+            if rec["id"] != src.ids[i]:
+                raise ReleaseError(f"{src.files[src.source[i]][0]}: changed while the release was built; run it again")
+            yield rec
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+_ENC = json.JSONEncoder(ensure_ascii=False).encode  # a str → its JSON string, as json.dumps(ensure_ascii=False)
+
+
+def _element(rec: dict) -> str:
+    """One reference-format record as json.dumps(list, ensure_ascii=False, indent=4) writes an element of the list."""
+    return (f'{{\n        "instruction": {_ENC(rec["instruction"])},\n        "input": {_ENC(rec["input"])},'
+            f'\n        "output": {_ENC(rec["output"])}\n    }}')
+
+
+def _write_files(src: Sources, folder: Path) -> None:
+    """train.json, eval.json (indent=4: the tutorial's huanhuan.json layout, Chinese kept readable) and records.jsonl,
+    streamed: json.dumps(list, ensure_ascii=False, indent=4) + "\n" byte for byte, without holding the list."""
+    names = {"train": "train.json", "eval": "eval.json", "records": "records.jsonl"}
+    files = {k: open(folder / v, "w", encoding="utf-8") for k, v in names.items()}
+    try:
+        first = {"train": True, "eval": True}
+        for rec in _records_by_id(src):
+            split = rec["split"] = "eval" if is_eval(rec["id"], src.tally.eval_fraction) else "train"
+            files[split].write(("[\n    " if first[split] else ",\n    ") + _element(rec))
+            first[split] = False
+            files["records"].write(dumps(rec) + "\n")
+        for split in ("train", "eval"):
+            files[split].write("[]\n" if first[split] else "\n]\n")
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        for f in files.values():
+            f.close()
+
+
 # ---------------------------------------------------------------- loading and diff
 
 def load_records(path: Path) -> list[dict]:
@@ -289,7 +411,13 @@ def load_records(path: Path) -> list[dict]:
     f = path / "records.jsonl"
     if not f.exists():
         raise ReleaseError(f"{path}: release has no records.jsonl")
-    return _read_all(f)
+    try:
+        records = read_all(f)
+    except ReadError as e:
+        raise ReleaseError(str(e)) from None
+    for r in records:
+        ensure_id(r)
+    return records
 
 
 @dataclass

@@ -12,8 +12,8 @@ import pytest
 
 from curate.cli import main
 from curate.export import export
-from curate.release import ReleaseError, build_release, diff_releases, is_eval
-from distillery.record import reference_format
+from curate.release import ReleaseError, build_release, content_hash, diff_releases, is_eval
+from distillery.record import canonical_hash, dumps, ensure_id, reference_format
 
 ROOT = Path(__file__).resolve().parents[1]
 BLESSINGS = ROOT / "dataset/reference/blessings.jsonl"
@@ -279,3 +279,77 @@ def test_release_counts_review_decisions_from_pull(curated, tmp_path, root):
     texts = [r["output"] for r in json.loads((root / "v4/train.json").read_text(encoding="utf-8"))
              + json.loads((root / "v4/eval.json").read_text(encoding="utf-8"))]
     assert "审核员改好的祝福：节日快乐，万事顺意！" in texts
+
+
+def _tricky(i: int) -> dict:
+    """A curated record whose text exercises JSON escaping: quotes, backslashes, control and separator
+    characters, characters beyond the BMP."""
+    return {"id": f"t-{(i * 7919) % 1000:03d}", "instruction": f"你好\"{i}\"\\n\t", "input": f"祝{i}\u2028\x01é",
+            "output": f"生日快乐🎂{i}</script>", "meta": {"scene": "生日", "n": i, "f": 0.1 * i},
+            "curation": {"verdict": "approved"}}
+
+
+@pytest.mark.parametrize("n, fraction", [(0, 0.5), (1, 0.0), (1, 0.99), (60, 0.3)])
+def test_release_files_are_json_dumps_byte_for_byte(root, tmp_path, n, fraction):
+    """The streamed arrays are exactly json.dumps(list, ensure_ascii=False, indent=4) + newline (0, 1 and many
+    elements per split), records.jsonl the sorted records with their split; sources with a BOM, CRLF line ends,
+    blank lines, an unterminated last line, a JSON array, records without id, an id twice."""
+    recs = [_tricky(i) for i in range(n)]
+    noid = {"instruction": "无id", "input": "", "output": "新年快乐！", "curation": {"verdict": "approved"}}
+    other = {**_tricky(1000), "curation": {"verdict": "rejected"}}
+    lines = [json.dumps(r, ensure_ascii=i % 2 == 0) for i, r in enumerate(recs + [noid, other])]
+    a = tmp_path / "a.jsonl"
+    a.write_bytes(("\ufeff" + "\r\n".join(lines[:len(lines) // 2]) + "\n\n  \n" + "\n".join(lines[len(lines) // 2:]))
+                  .encode("utf-8"))
+    later = [{**r, "output": "同一个id，后来的一条"} for r in recs[:3]]
+    in_array = {**noid, "input": "数组里", "meta": {"big": 10 ** 30}}
+    arr = tmp_path / "b.json"
+    arr.write_text(json.dumps(later + [in_array], ensure_ascii=False), encoding="utf-8")
+    built = build_release([str(a), str(arr)], "v1", root, eval_fraction=fraction)
+
+    first: dict = {}
+    for r in recs + [noid] + later + [in_array]:  # the first occurrence of an id wins
+        r = json.loads(json.dumps(r))
+        first.setdefault(ensure_id(r), r)
+    expect = sorted(first.values(), key=lambda r: r["id"])
+    for r in expect:
+        r["split"] = "eval" if is_eval(r["id"], fraction) else "train"
+    for split in ("train", "eval"):
+        want = json.dumps([reference_format(r) for r in expect if r["split"] == split], ensure_ascii=False, indent=4)
+        assert (built.path / f"{split}.json").read_bytes() == (want + "\n").encode("utf-8")
+    assert (built.path / "records.jsonl").read_bytes() == "".join(dumps(r) + "\n" for r in expect).encode("utf-8")
+    m = built.manifest
+    assert m["counts"] == {"train": sum(r["split"] == "train" for r in expect),
+                           "eval": sum(r["split"] == "eval" for r in expect), "total": len(expect),
+                           "duplicates_skipped": len(later)}
+    # content_hash keeps its definition: the canonical hash of each split's sorted reference-format lines
+    texts = {s: sorted(dumps(reference_format(r)) for r in expect if r["split"] == s) for s in ("train", "eval")}
+    assert m["content_hash"] == canonical_hash(texts)
+
+
+def test_content_hash_is_the_canonical_hash_of_sorted_lines():
+    """content_hash hashes its document in pieces: the same bytes as canonical_hash of the whole, past one piece."""
+    recs = [{"instruction": "写", "input": f"第{i}条\"", "output": f"祝福{i * 37 % 10007}🎉"} for i in range(10_000)]
+    for train, eval_ in ((recs, recs[:3]), (recs[:1], []), ([], [])):
+        want = canonical_hash({"train": sorted(map(dumps, train)), "eval": sorted(map(dumps, eval_))})
+        assert content_hash(train, eval_) == want
+
+
+def test_source_changed_between_passes_is_refused(curated, root, tmp_path, monkeypatch):
+    """Pass 2 reads the records back from the sources: a source edited meanwhile is refused, nothing is left."""
+    import curate.release as release
+
+    src = tmp_path / "a.jsonl"
+    shutil.copyfile(curated / "approved.jsonl", src)
+    original = release.read_sources
+
+    def then_edit(*args, **kwargs):
+        out = original(*args, **kwargs)
+        data = src.read_bytes()
+        src.write_bytes(data.replace("快乐".encode(), "快乐啊".encode(), 1))
+        return out
+
+    monkeypatch.setattr(release, "read_sources", then_edit)
+    with pytest.raises(ReleaseError, match=f"{src}: changed while the release was built"):
+        build_release([str(src)], "v1", root)
+    assert not root.exists() or not any(root.iterdir())
