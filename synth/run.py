@@ -47,7 +47,8 @@ EPILOG = """exit codes:
   1    some prompts failed (listed in failures.jsonl; the next run retries them), the teacher was unreachable,
        or it refused the first prompts outright with one status (e.g. 404: wrong --base-url or --model)
   2    bad recipe or arguments
-  3    the teacher refused the API key (401/403); the run stopped at once
+  3    the teacher refused the API key (401/403) or said its quota is spent (429 insufficient_quota); the run
+       stopped at once
   4    another run holds the lock on --out
   5    a budget cap (--max-requests / --max-tokens-budget / --max-cost) was reached; rerun to continue
   130  interrupted (SIGINT/SIGTERM); files are valid, rerun to continue
@@ -225,17 +226,21 @@ class TokenBucket:
         self.capacity = max(1.0, burst)
         self.tokens = self.capacity
         self.t = time.monotonic()
+        self._turn = asyncio.Lock()
 
     async def take(self, amount: float = 1.0) -> None:
         amount = min(amount, self.capacity)  # a single request bigger than the burst still goes, alone
-        while True:
-            now = time.monotonic()
-            self.tokens = min(self.capacity, self.tokens + (now - self.t) * self.rate)
-            self.t = now
-            if self.tokens >= amount:
-                self.tokens -= amount
-                return
-            await asyncio.sleep((amount - self.tokens) / self.rate)
+        # one taker at a time, in arrival order: a herd of sleepers all waking to re-check lost the race to each
+        # other and paced 10-20% under the rate
+        async with self._turn:
+            while True:
+                now = time.monotonic()
+                self.tokens = min(self.capacity, self.tokens + (now - self.t) * self.rate)
+                self.t = now
+                if self.tokens >= amount:
+                    self.tokens -= amount
+                    return
+                await asyncio.sleep((amount - self.tokens) / self.rate)
 
 
 class AIMDGate:
@@ -318,7 +323,13 @@ class AIMDGate:
     def push_back_share(self) -> float:
         return self._recent_bad / max(len(self._recent), self.min_evidence)
 
-    def pushed_back(self, retry_after: float | None = None) -> None:
+    def hold(self, seconds: float) -> None:
+        """No new request for `seconds` (in flight ones finish)."""
+        if seconds > 0:
+            self._resume_at = max(self._resume_at, time.monotonic() + seconds)
+
+    def pushed_back(self, retry_after: float | None = None) -> bool:
+        """Count one push-back; True when it completed a burst and the limit was cut (once per cooldown)."""
         self._note(True)
         self._streak = 0
         if self.push_back_share() >= self.threshold:
@@ -327,6 +338,8 @@ class AIMDGate:
                 self._last_cut = now
                 self.limit = max(1.0, self.limit / 2)
                 self._resume_at = max(self._resume_at, now + min(retry_after if retry_after is not None else 1.0, 60.0))
+                return True
+        return False
 
     def succeeded(self) -> None:
         self._note(False)
@@ -335,6 +348,66 @@ class AIMDGate:
             self._streak = 0
             self.limit = min(float(self.max), self.limit + 1)
             self._wake()
+
+
+class AcceptedRate:
+    """A requests/s cap for servers that limit a *rate* (a provider's token bucket), engaged by a burst of 429s.
+
+    The concurrency gate alone cannot hold a client under a rate limit: a 429 comes back at once, its slot is free
+    again at once, and the next request meets the same limit. So at each burst the cap is set a little under what
+    the server accepted over the last second (its limit, measured), then raised by 0.1 req/s per success (+10% a
+    second at any rate) until a burst of 429s comes back and it is cut again: a sawtooth around the limit instead
+    of a stampede. Measured in docs/benchmarks.md (a 200 req/s limiter)."""
+
+    WINDOW = 1.0        # seconds of successes the accepted rate is measured over
+    MIN_HISTORY = 0.25  # seconds of answers needed to judge a burst; an earlier one is judged at a later 429
+    UNDER = 0.9         # the cap starts this far under the measured rate
+    PROBE = 0.1         # req/s added per success
+
+    def __init__(self):
+        self.bucket: TokenBucket | None = None
+        self._ok: collections.deque[float] = collections.deque()
+        self._first_ok: float | None = None
+        self._due = False
+
+    def succeeded(self) -> None:
+        now = time.monotonic()
+        if self._first_ok is None:
+            self._first_ok = now
+        ok = self._ok
+        ok.append(now)
+        while ok[0] < now - self.WINDOW:
+            ok.popleft()
+        if self.bucket:
+            self.bucket.rate += self.PROBE
+        if self._due and now - self._first_ok >= self.MIN_HISTORY:
+            self._set_cap(now)
+
+    def throttled(self, burst: bool) -> float:
+        """Every 429; `burst` when it completed a burst (the gate cut its limit). Returns how long everyone should
+        hold off: while the rate cannot be measured yet (too few answers), sending more only feeds the 429s."""
+        self._due = self._due or burst
+        now = time.monotonic()
+        if not self._due:
+            return 0.0
+        if self._first_ok is None or now - self._first_ok < self.MIN_HISTORY:
+            return self.MIN_HISTORY  # the cap is set by the first success that makes the rate measurable
+        self._set_cap(now)
+        return 0.0
+
+    def _set_cap(self, now: float) -> None:
+        self._due = False
+        while self._ok and self._ok[0] < now - self.WINDOW:
+            self._ok.popleft()
+        cap = max(0.5, len(self._ok) / min(self.WINDOW, now - self._first_ok) * self.UNDER)
+        if self.bucket is None:
+            self.bucket = TokenBucket(cap * 60.0, burst=max(1.0, cap * 0.02))  # 20 ms of slack for timer lateness
+        elif cap < self.bucket.rate:
+            self.bucket.rate = cap
+
+    @property
+    def per_s(self) -> float | None:
+        return self.bucket.rate if self.bucket else None
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -357,20 +430,23 @@ class Stats:
     throttled: int = 0
 
 
+THROTTLE_ALLOWANCE = 4  # 429s a prompt may take per allowed retry before they count as failed attempts
 MAX_RETRY_AFTER = 60.0  # like the openai SDK: a longer Retry-After (a spent daily quota) is not waited out per prompt
 
 
 def _retry_wait(retry_state) -> float:
-    """Retry-After when the server gave one, capped at MAX_RETRY_AFTER, plus a little jitter (1 s → up to 30 ms):
-    enough that the retries of one burst do not land on the same millisecond; a real burst is spread by the shared
-    gate's pause instead. Every extra 10% of jitter was 0.1 s more on each 429 in a prompt's chain, and those chains
-    are the run's tail (docs/benchmarks.md). Else exponential back-off with jitter."""
+    """Exponential back-off with jitter, and never sooner than the server's Retry-After (capped at MAX_RETRY_AFTER,
+    plus a little jitter: 1 s → up to 30 ms). Retry-After is a floor, not the wait: a limiter answering "retry in
+    5 ms" would otherwise get a prompt's six attempts within 30 ms and the prompt would be lost. The jitter is small
+    because a real burst is spread by the shared gate's pause, and every extra 10% was 0.1 s more on each 429 in a
+    prompt's chain, which is the run's tail (docs/benchmarks.md)."""
     exc = retry_state.outcome.exception()
+    backoff = _EXP_JITTER(retry_state)
     ra = getattr(exc, "retry_after", None)
     if ra is not None:
         ra = min(ra, MAX_RETRY_AFTER)
-        return ra + random.uniform(0, 0.01 + ra * 0.02)
-    return _EXP_JITTER(retry_state)
+        return max(backoff, ra + random.uniform(0, 0.01 + ra * 0.02))
+    return backoff
 
 
 # 0.1 s, 0.2 s, 0.4 s, … (max 10 s) plus up to 0.1 s of jitter (the AWS SDKs' base delay): a dropped connection or
@@ -391,6 +467,7 @@ class Engine:
         self.gate = AIMDGate(cfg.concurrency)
         self.rpm = TokenBucket(cfg.rpm) if cfg.rpm else None
         self.tpm = TokenBucket(cfg.tpm, burst=cfg.tpm / 60.0) if cfg.tpm else None
+        self.accepted = AcceptedRate()
         self.stopping: str | None = None  # why feeding stopped: budget | interrupted | auth | unreachable | refused
         self.stop_message = ""
         self._conn_lost_in_a_row = 0
@@ -400,7 +477,7 @@ class Engine:
                          "max_tokens": cfg.max_tokens, "n": cfg.n}
         self._provenance = {"source": "teacher", "run": cfg.out.name}
         # the policy is built once; each prompt gets a cheap copy() (tenacity keeps per-call state on the object)
-        self._retrying = AsyncRetrying(stop=stop_after_attempt(cfg.max_attempts), wait=_retry_wait,
+        self._retrying = AsyncRetrying(stop=stop_after_attempt(cfg.max_attempts), wait=_retry_wait,  # see _stop_policy
                                        retry=retry_if_exception_type(Retryable), reraise=True)
         self.t0 = time.monotonic()
 
@@ -426,6 +503,8 @@ class Engine:
         try:
             if self.rpm:
                 await self.rpm.take()
+            if self.accepted.bucket:
+                await self.accepted.bucket.take()
             if self.tpm:
                 chars = sum(len(str(m.get("content", ""))) for m in prompt.messages)
                 await self.tpm.take(chars + (self.cfg.max_tokens or 256) * self.cfg.n)
@@ -440,13 +519,16 @@ class Engine:
             try:
                 reply = await self.transport.complete(prompt.messages, prompt.id)
             except KeyRefused as e:
-                self._stop("auth", f"teacher refused the API key (HTTP {e.status}); check OPENAI_API_KEY "
+                self._stop("auth", "the teacher says the account's quota is spent (HTTP 429 insufficient_quota); "
+                                   "add credit or use another key" if e.quota else
+                                   f"teacher refused the API key (HTTP {e.status}); check OPENAI_API_KEY "
                                    f"/ --api-key-file")
                 raise _Stop("auth") from None
             except Retryable as e:
                 self.stats.throttled += e.throttled
-                if e.overloaded:
-                    self.gate.pushed_back(e.retry_after)
+                cut = e.overloaded and self.gate.pushed_back(e.retry_after)
+                if e.throttled:
+                    self.gate.hold(self.accepted.throttled(cut))
                 raise
             return reply, time.monotonic() - t
         finally:
@@ -508,6 +590,7 @@ class Engine:
         self._ever_ok = True
         self._conn_lost_in_a_row = 0
         self.gate.succeeded()
+        self.accepted.succeeded()
         self.store.write_records(records)
         self.stats.done += 1
 
@@ -516,13 +599,28 @@ class Engine:
         as tenacity's first attempt, so the attempt count and the waits are exactly the policy's. The waits (the
         server's Retry-After, else exponential back-off) are slept here, outside the gate: they hold no slot."""
         replay: Retryable | None = first
-        async for attempt in self._retrying.copy():
+        async for attempt in self._retrying.copy(stop=self._stop_policy()):
             with attempt:
                 if replay is not None:
                     error, replay = replay, None
                     raise error
                 records = await once()
         return records
+
+    def _stop_policy(self) -> Callable[[Any], bool]:
+        """One prompt's stop rule: --max-attempts failed attempts, where a 429 does not count until the prompt has
+        had THROTTLE_ALLOWANCE x (max_attempts - 1) of them. A 429 says "not now", not "this prompt fails": while
+        the client is finding a server's rate limit (AcceptedRate), prompts would otherwise burn their attempts on
+        429s within seconds and be recorded as failed. The allowance still ends a prompt a server never accepts."""
+        max_attempts = self.cfg.max_attempts
+        allowance = THROTTLE_ALLOWANCE * (max_attempts - 1)
+        throttles = 0
+
+        def stop(retry_state) -> bool:
+            nonlocal throttles
+            throttles += bool(getattr(retry_state.outcome.exception(), "throttled", False))
+            return retry_state.attempt_number - min(throttles, allowance) >= max_attempts
+        return stop
 
     def _fail(self, prompt, reason: str, attempts: int) -> None:
         self.store.write_failure(prompt.id, self.cfg.redact(reason), attempts)

@@ -40,11 +40,12 @@ class Reply:
 
 
 class KeyRefused(Exception):
-    """401/403: the key is wrong or lacks access; retrying cannot help and the run must stop."""
+    """401/403, or a 429 saying the account's quota is spent: retrying cannot help and the run must stop."""
 
-    def __init__(self, status: int):
-        super().__init__(f"HTTP {status}")
+    def __init__(self, status: int, quota: bool = False):
+        super().__init__(f"HTTP {status}" + (" insufficient_quota" if quota else ""))
         self.status = status
+        self.quota = quota
 
 
 class Retryable(Exception):
@@ -102,6 +103,8 @@ def classify_status(status: int, headers: Mapping[str, str], message: str = "") 
     if status in (401, 403):
         return KeyRefused(status)
     if status == 429:
+        if "insufficient_quota" in message:  # OpenAI's "You exceeded your current quota": no wait will help
+            return KeyRefused(status, quota=True)
         return Retryable("HTTP 429 rate limited", retry_after_seconds(headers), throttled=True)
     if status >= 500 or status in (408, 409):
         return Retryable(f"HTTP {status}", retry_after_seconds(headers), overloaded=status != 409)
@@ -138,11 +141,16 @@ def _count(v: Any) -> int | None:
 
 
 def _error_message(raw: bytes) -> str:
+    """The error body's code/type and message, e.g. "insufficient_quota: You exceeded your current quota"."""
     try:
         err = json.loads(raw).get("error")
-        return str(err.get("message", "")) if isinstance(err, dict) else str(err or "")
     except (ValueError, AttributeError):
         return ""
+    if not isinstance(err, dict):
+        return str(err or "")
+    code = err.get("code") or err.get("type")
+    msg = str(err.get("message", ""))
+    return f"{code}: {msg}" if isinstance(code, str) and code else msg
 
 
 def _sdk_style_headers(api_key: str) -> dict[str, str]:

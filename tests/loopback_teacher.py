@@ -8,7 +8,8 @@ returns what was served. Use in-process (`with LoopbackTeacher(...) as t: t.base
 Faults: 429 (with Retry-After), 500, 503, drop (connection closed with no response), malformed (200 with a
 broken JSON body), slow (sleeps `slow_s`), length (finish_reason "length"), 400 (a request the server rejects),
 401 (every request, see `api_key`), truncate (a 200 whose body stops half-way, shorter than its Content-Length),
-reset (TCP RST, no response), empty (200, finish_reason "stop", content null), html (502 with a proxy's HTML page).
+reset (TCP RST, no response), empty (200, finish_reason "stop", content null), html (502 with a proxy's HTML page),
+quota (OpenAI's 429 insufficient_quota: the account has no credit). `rate_limit` adds a real limiter (token bucket).
 Not faults but odd good answers: close (the server closes the keep-alive connection after it), gzip (the body
 gzip-compressed). `last_request` holds the headers (lower-cased names) and JSON body of the latest chat request.
 
@@ -36,7 +37,7 @@ from aiohttp import web
 # new kinds go at the end: a fault is picked by cumulative probability in this order, so appending keeps the
 # fault sequence of every existing mix (and the benchmark's numbers) unchanged
 FAULTS = ("429", "500", "503", "drop", "malformed", "slow", "length", "400",
-          "truncate", "reset", "empty", "html", "close", "gzip")
+          "truncate", "reset", "empty", "html", "close", "gzip", "quota")
 REFERENCE = Path(__file__).resolve().parents[1] / "dataset" / "reference"
 
 
@@ -87,7 +88,7 @@ class LoopbackTeacher:
     def __init__(self, latency: float = 0.0, faults: dict[str, float] | None = None, seed: int = 0,
                  retry_after: float = 1.0, slow_s: float = 5.0, api_key: str | None = None,
                  echo_key_on_401: bool = True, host: str = "127.0.0.1", port: int = 0, *,
-                 greetings: bool = False, defect_rate: float = 0.0):
+                 greetings: bool = False, defect_rate: float = 0.0, rate_limit: float | None = None):
         self.latency = latency
         self.faults = {k: float(v) for k, v in (faults or {}).items()}
         unknown = set(self.faults) - set(FAULTS)
@@ -100,6 +101,10 @@ class LoopbackTeacher:
         self.echo_key_on_401 = echo_key_on_401  # like real APIs, quote the bad key back (tests check redaction)
         self.host, self.port = host, port
         self.book = GreetingBook(defect_rate, seed) if greetings else None
+        # a real limiter, like a provider's: a token bucket of `rate_limit` requests/s (a second's worth of burst);
+        # a request over it gets 429 at once, with retry-after-ms = when its token would be there
+        self.rate_limit = rate_limit
+        self._tokens, self._refilled = (rate_limit or 0.0), time.monotonic()
         self.requests = 0
         self.seen: Counter[str] = Counter()      # requests per prompt key
         self.served_ok: Counter[str] = Counter()  # successful (stop) answers per prompt key
@@ -143,6 +148,17 @@ class LoopbackTeacher:
                 msg = f"Incorrect API key provided: {bad}" if self.echo_key_on_401 else "Incorrect API key"
                 return web.json_response({"error": {"message": msg, "type": "invalid_request_error",
                                                     "code": "invalid_api_key"}}, status=401)
+        if self.rate_limit:
+            now = time.monotonic()
+            self._tokens = min(self.rate_limit, self._tokens + (now - self._refilled) * self.rate_limit)
+            self._refilled = now
+            if self._tokens < 1:
+                self.outcomes["429-limit"] += 1
+                wait = (1 - self._tokens) / self.rate_limit
+                return web.json_response({"error": {"message": "Rate limit reached", "type": "rate_limit"}},
+                                         status=429, headers={"retry-after-ms": str(max(1, round(wait * 1000))),
+                                                              "Retry-After": str(max(1, round(wait)))})
+            self._tokens -= 1
         body = await request.json()
         self.last_request = {"headers": {k.lower(): v for k, v in request.headers.items()}, "body": body}
         content = str(body["messages"][-1]["content"])
@@ -157,6 +173,10 @@ class LoopbackTeacher:
             return web.json_response({"error": {"message": "Rate limit reached", "type": "rate_limit"}},
                                      status=429, headers={"Retry-After": f"{self.retry_after:g}",
                                                           "retry-after-ms": str(int(self.retry_after * 1000))})
+        if fault == "quota":
+            return web.json_response({"error": {"message": "You exceeded your current quota, please check your plan "
+                                                "and billing details.", "type": "insufficient_quota",
+                                                "code": "insufficient_quota"}}, status=429)
         if fault == "400":
             return web.json_response({"error": {"message": "Invalid value for 'top_p'", "type": "invalid_request_error"}},
                                      status=400)
@@ -264,12 +284,13 @@ def main() -> None:
     ap.add_argument("--retry-after", type=float, default=1.0)
     ap.add_argument("--slow-s", type=float, default=5.0)
     ap.add_argument("--api-key")
+    ap.add_argument("--rate-limit", type=float, help="requests/s of a token-bucket limiter answering 429 above it")
     ap.add_argument("--greetings", action="store_true", help="answer with fitting held-out greetings")
     ap.add_argument("--defect-rate", type=float, default=0.0, help="with --greetings: share of gallery defects")
     a = ap.parse_args()
     faults = dict(f.split("=", 1) for f in a.fault)
     t = LoopbackTeacher(a.latency, faults, a.seed, a.retry_after, a.slow_s, a.api_key, host=a.host, port=a.port,
-                        greetings=a.greetings, defect_rate=a.defect_rate)
+                        greetings=a.greetings, defect_rate=a.defect_rate, rate_limit=a.rate_limit)
 
     async def serve():
         await t.start_async()

@@ -89,7 +89,9 @@ def test_fault_mix_every_prompt_ends_as_one_record_or_one_failure(tmp_path, monk
     assert fails, "with 2 attempts and ~34% faults some prompts must fail"
     assert r.returncode == 1, r.stderr
     assert "failures.jsonl" in r.stderr
-    assert all(x["attempts"] == 2 and x["reason"] for x in fails)
+    for x in fails:  # two failed attempts, not counting up to 4 x (2 - 1) 429s ("not now" is not a failure)
+        seq = [t._fault(x["id"], k) for k in range(x["attempts"])]
+        assert x["reason"] and None not in seq and x["attempts"] - min(seq.count("429"), 4) == 2, (x, seq)
     # every kind of fault was actually served and handled
     assert {"429", "500", "drop", "malformed", "length", "slow"} <= set(stats["outcomes"])
     for x in recs:
@@ -245,6 +247,28 @@ def test_401_stops_at_once_with_exit_3_and_never_leaks_the_key(tmp_path, transpo
     assert len(err_lines) == 1 and "401" in err_lines[0] and "Traceback" not in r.stderr
     assert lines(tmp_path / "samples.jsonl") == []
     assert_no_key(tmp_path, r.stdout, r.stderr)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_spent_quota_stops_at_once_with_exit_3(tmp_path, monkeypatch, capfd, transport):
+    with LoopbackTeacher(faults={"quota": 1.0}) as t:
+        r = run_inproc(monkeypatch, capfd, tmp_path, 100, t.base_url, "--concurrency", "4", "--transport", transport)
+        served = t.requests
+    assert r.returncode == 3 and "quota is spent" in r.stderr
+    assert served <= 8 and lines(tmp_path / "samples.jsonl") == []
+
+
+def test_a_real_rate_limit_is_found_without_losing_prompts_or_a_stampede(tmp_path, monkeypatch, capfd):
+    # a provider's limiter: 40 requests/s, 429 at once above it with a retry-after-ms of a few ms. Retrying each
+    # 429 after its own tiny Retry-After stampedes (11,805 calls for 2,000 prompts, 668 lost: shared/notes); the
+    # engine caps its rate at what the server accepts and never records a throttled prompt as failed.
+    with LoopbackTeacher(latency=0.02, rate_limit=40) as t:
+        r = run_inproc(monkeypatch, capfd, tmp_path, 200, t.base_url, "--concurrency", "64")
+        stats = t.stats()
+    assert r.returncode == 0, r.stderr
+    assert sorted(x["meta"]["prompt_id"] for x in lines(tmp_path / "samples.jsonl")) == sorted(plan_ids(200))
+    assert stats["outcomes"]["ok"] == 200 and stats["outcomes"].get("429-limit", 0) > 0
+    assert stats["requests"] <= 3 * 200, stats["outcomes"]
 
 
 def test_api_key_file_is_used_and_not_leaked(tmp_path, monkeypatch, capfd):
