@@ -13,6 +13,10 @@ Throughput (issue #2's benchmark):
   With both mixes it ends with faults ÷ clean per row and the ceiling on it: no client that honours Retry-After
   can beat the fault run's longest prompt (its attempts x latency + its 429s x 1 s) or its requests x latency / conc.
 
+A real rate limit instead of random faults (a token bucket of --rate-limit requests/s answering 429 at once, with
+retry-after-ms = when a token is due; the best wall time is prompts / rate - 1 s of initial burst):
+    .venv/bin/python bench/synth_bench.py --mixes limit --rate-limit 200 --latency 0.05 --concurrency 256
+
 Peak RSS of the real CLI over a large plan (plan and run, at two sizes, to show it is flat):
     .venv/bin/python bench/synth_bench.py --rss 10000 100000
 
@@ -48,9 +52,11 @@ FAULTS = {"429": 0.05, "500": 0.02, "malformed": 0.01, "drop": 0.02}
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def start_server(latency: float, faults: dict[str, float]) -> tuple[subprocess.Popen, str]:
+def start_server(latency: float, faults: dict[str, float], rate_limit: float | None = None) -> tuple[subprocess.Popen, str]:
     args = [sys.executable, str(ROOT / "tests" / "loopback_teacher.py"), "--port", "0", "--latency", str(latency),
             "--retry-after", "1"]
+    if rate_limit:
+        args += ["--rate-limit", str(rate_limit)]
     for k, v in faults.items():
         args += ["--fault", f"{k}={v}"]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
@@ -166,7 +172,8 @@ def throughput(a: argparse.Namespace) -> None:
             for kind in a.kinds:
                 # a fresh server per measurement: faults depend on how often the server has seen a prompt, so
                 # every client meets exactly the same fault sequence
-                server, url = start_server(a.latency, FAULTS if mix == "faults" else {})
+                server, url = start_server(a.latency, FAULTS if mix == "faults" else {},
+                                           a.rate_limit if mix == "limit" else None)
                 try:
                     r = measure(kind, server, url, plan, conc, a.latency)
                 finally:
@@ -245,8 +252,8 @@ def fault_summary(rows: list[dict], plan: list, latency: float) -> None:
     clean = {(r["kind"], r["concurrency"]): r for r in rows if r["mix"] == "clean"}
     for r in rows:
         c = clean.get((r["kind"], r["concurrency"]))
-        if r["mix"] != "faults" or c is None:
-            continue
+        if r["mix"] != "faults" or c is None or r["kind"] not in ("engine", "engine-sdk"):
+            continue  # plain and bare lose prompts under faults: their wall time is not the same work
         conc = r["concurrency"]
         least = max(floor, r["requests"] * latency / conc)
         ideal = ideal_client_wall(plan, conc, latency)
@@ -335,7 +342,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[16, 64, 256])
     ap.add_argument("--kinds", nargs="+", default=["engine", "engine-sdk", "plain"],
                     choices=["engine", "engine-sdk", "plain", "bare"])
-    ap.add_argument("--mixes", nargs="+", default=["clean", "faults"], choices=["clean", "faults"])
+    ap.add_argument("--mixes", nargs="+", default=["clean", "faults"], choices=["clean", "faults", "limit"],
+                    help="limit: no faults, but a real token-bucket limiter of --rate-limit requests/s")
+    ap.add_argument("--rate-limit", type=float, default=200.0)
     ap.add_argument("--rss", type=int, nargs="+", metavar="N", help="instead: peak RSS of plan and run over N prompts")
     a = ap.parse_args()
     if a.rss:
