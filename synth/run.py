@@ -680,6 +680,7 @@ class Engine:
                 "cost": round(s.cost, 6), "elapsed_s": round(el, 3),
                 "req_per_s": round(s.requests / el, 3) if el > 0 else 0.0,
                 "concurrency_limit_now": int(self.gate.limit), "transport": self.cfg.transport,
+                "rate_cap_per_s": round(self.accepted.per_s, 1) if self.accepted.per_s else None,
                 "stopped": self.stopping, "stop_message": self.cfg.redact(self.stop_message)}
 
     async def run(self, plan: Iterable) -> int:
@@ -753,6 +754,9 @@ async def run_async(cfg: RunConfig, plan: Iterable, store: Store, total: int | N
     store.write_summary(summary)
     if eng.stop_message:
         eng.say(f"synth run: {eng.stop_message}")
+    if eng.accepted.per_s:
+        eng.say(f"synth run: the teacher limited the request rate; this run settled near "
+                f"{eng.accepted.per_s:.1f} requests/s (--rpm {eng.accepted.per_s * 60:.0f} starts there)")
     if code == EXIT_FAILED and eng.stats.failed:
         eng.say(f"synth run: {eng.stats.failed} prompts failed, see {cfg.out / 'failures.jsonl'} "
                 f"(rerun to retry them)")
