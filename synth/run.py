@@ -7,6 +7,8 @@ Design (see /work/shared/notes/teacher-client.md for the measurements behind it)
   halves the gate and holds everyone for the Retry-After once (the shared back-off), which is what stops a
   Retry-After stampede. A burst is a high *share* of push-back among recent responses, not a count, so occasional
   random 429s only make their own prompts wait their Retry-After. Back-off sleeps happen outside the gate.
+  A burst of 429s also caps the request *rate* at what the server accepted (AcceptedRate): a rate limiter answers
+  429 at once, so holding fewer requests in flight alone would not slow the client down.
 - samples.jsonl gets each record written and flushed as it arrives (fsync batched in a background thread, see
   Store); on start a torn last line is truncated and finished prompt ids are skipped, so kill -9 at any point
   loses at most in-flight work and never duplicates a record.
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
 import orjson
-from tenacity import AsyncRetrying, RetryError, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryError, retry_if_exception_type, wait_exponential_jitter
 
 from distillery.record import RecordError, dumps, validate
 
@@ -477,8 +479,8 @@ class Engine:
                          "max_tokens": cfg.max_tokens, "n": cfg.n}
         self._provenance = {"source": "teacher", "run": cfg.out.name}
         # the policy is built once; each prompt gets a cheap copy() (tenacity keeps per-call state on the object)
-        self._retrying = AsyncRetrying(stop=stop_after_attempt(cfg.max_attempts), wait=_retry_wait,  # see _stop_policy
-                                       retry=retry_if_exception_type(Retryable), reraise=True)
+        # (its stop rule is per prompt: _retry passes _stop_policy())
+        self._retrying = AsyncRetrying(wait=_retry_wait, retry=retry_if_exception_type(Retryable), reraise=True)
         self.t0 = time.monotonic()
 
     # -- budget
