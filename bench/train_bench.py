@@ -157,7 +157,8 @@ def bench_preset(name: str, args, torch, device, dist: Dist) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     model = build_model(torch, mc, device, dtype)
     if cfg.grad_ckpt:
-        model.gradient_checkpointing_enable()  # what Trainer(gradient_checkpointing=True) calls
+        # what Trainer(activation_checkpointing=True) calls; the old name still works on the 5.17 GPU image
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     model = prepare_model(model, cfg)
     if cpu and cfg.compile and args.compile_backend:  # CPU smoke test of the compiled path
         compile_decoder_layers(model, backend=args.compile_backend)
