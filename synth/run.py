@@ -365,14 +365,20 @@ class AcceptedRate:
     MIN_HISTORY = 0.25  # seconds of answers needed to judge a burst; an earlier one is judged at a later 429
     UNDER = 0.9         # the cap starts this far under the measured rate
     PROBE = 0.1         # req/s added per success
+    # Once a cap is on, the server is known to limit the rate, so the probe is stopped sooner than the gate's 30%
+    # burst: at 10% 429s among the answers since the last cut (at least 50), the cap is set again.
+    RECUT_SHARE, RECUT_EVIDENCE = 0.1, 50
 
     def __init__(self):
         self.bucket: TokenBucket | None = None
         self._ok: collections.deque[float] = collections.deque()
         self._first_ok: float | None = None
         self._due = False
+        self._answers = self._429s = 0  # since the cap was last set
+        self.measured: float | None = None  # requests/s the server accepted, at the last cut
 
     def succeeded(self) -> None:
+        self._answers += 1
         now = time.monotonic()
         if self._first_ok is None:
             self._first_ok = now
@@ -388,7 +394,11 @@ class AcceptedRate:
     def throttled(self, burst: bool) -> float:
         """Every 429; `burst` when it completed a burst (the gate cut its limit). Returns how long everyone should
         hold off: while the rate cannot be measured yet (too few answers), sending more only feeds the 429s."""
-        self._due = self._due or burst
+        self._answers += 1
+        self._429s += 1
+        recut = (self.bucket is not None and self._answers >= self.RECUT_EVIDENCE
+                 and self._429s >= self.RECUT_SHARE * self._answers)
+        self._due = self._due or burst or recut
         now = time.monotonic()
         if not self._due:
             return 0.0
@@ -399,9 +409,11 @@ class AcceptedRate:
 
     def _set_cap(self, now: float) -> None:
         self._due = False
+        self._answers = self._429s = 0
         while self._ok and self._ok[0] < now - self.WINDOW:
             self._ok.popleft()
-        cap = max(0.5, len(self._ok) / min(self.WINDOW, now - self._first_ok) * self.UNDER)
+        self.measured = len(self._ok) / min(self.WINDOW, now - self._first_ok)
+        cap = max(0.5, self.measured * self.UNDER)
         if self.bucket is None:
             self.bucket = TokenBucket(cap * 60.0, burst=max(1.0, cap * 0.02))  # 20 ms of slack for timer lateness
         elif cap < self.bucket.rate:
@@ -682,7 +694,7 @@ class Engine:
                 "cost": round(s.cost, 6), "elapsed_s": round(el, 3),
                 "req_per_s": round(s.requests / el, 3) if el > 0 else 0.0,
                 "concurrency_limit_now": int(self.gate.limit), "transport": self.cfg.transport,
-                "rate_cap_per_s": round(self.accepted.per_s, 1) if self.accepted.per_s else None,
+                "rate_limit_measured_per_s": round(self.accepted.measured, 1) if self.accepted.measured else None,
                 "stopped": self.stopping, "stop_message": self.cfg.redact(self.stop_message)}
 
     async def run(self, plan: Iterable) -> int:
@@ -756,9 +768,10 @@ async def run_async(cfg: RunConfig, plan: Iterable, store: Store, total: int | N
     store.write_summary(summary)
     if eng.stop_message:
         eng.say(f"synth run: {eng.stop_message}")
-    if eng.accepted.per_s:
-        eng.say(f"synth run: the teacher limited the request rate; this run settled near "
-                f"{eng.accepted.per_s:.1f} requests/s (--rpm {eng.accepted.per_s * 60:.0f} starts there)")
+    if eng.accepted.measured:
+        rate = eng.accepted.measured
+        eng.say(f"synth run: the teacher limits the request rate; it accepted about {rate:.1f} requests/s "
+                f"(--rpm {rate * 60:.0f} starts there)")
     if code == EXIT_FAILED and eng.stats.failed:
         eng.say(f"synth run: {eng.stats.failed} prompts failed, see {cfg.out / 'failures.jsonl'} "
                 f"(rerun to retry them)")
