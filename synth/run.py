@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
 import orjson
-from tenacity import AsyncRetrying, RetryError, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryError, retry_if_exception_type
 
 from distillery.record import RecordError, dumps, validate
 
@@ -248,8 +248,8 @@ class TokenBucket:
 class AIMDGate:
     """Adaptive concurrency shared by every request (the shared back-off).
 
-    Push-back (429s, 5xx, timeouts, lost connections) is judged by its *share* of the last `window` responses,
-    never by a count: at 1,280 requests/s a 5% random 429 rate gives dozens of 429s a second, and pausing everyone
+    Push-back (429s, 5xx, timeouts, lost connections) is judged by its *share* of the last `window` responses
+    (those of the last `memory` seconds), never by a count: at 1,280 requests/s a 5% random 429 rate gives dozens of 429s a second, and pausing everyone
     for those crawls (the fault mix at concurrency 256 ran at half speed). Only when the share reaches `threshold`
     (a real rate limit or an overloaded server: then most answers are push-back) does the limit halve and every new
     request hold off for the server's Retry-After (default 1 s), at most once per `cooldown`. Until `window`
@@ -257,11 +257,11 @@ class AIMDGate:
     are not a burst. Why 30% of 100: with 9% random push-back (the bench's fault mix) a given window reaches 30%
     with odds of ~2e-9 (the first 50 responses: ~2e-5), while a client over a real limit or in an outage sees well
     over half its answers pushed back. A lone 429 only makes its own prompt wait its Retry-After (outside the gate,
-    so it holds no slot). +1 to the limit after each `streak` successes.
+    so it holds no slot). +1 to the limit after each `streak` successes, or after each one while push-back is rare.
     A FIFO of futures instead of an asyncio.Condition: a release wakes exactly one waiter, not all of them."""
 
     def __init__(self, limit: int, cooldown: float = 1.0, streak: int = 4, window: int = 100,
-                 threshold: float = 0.3, min_evidence: int = 50):
+                 threshold: float = 0.3, min_evidence: int = 50, memory: float = 10.0):
         self.max = limit
         self.limit = float(limit)
         self.in_flight = 0
@@ -269,10 +269,11 @@ class AIMDGate:
         self.streak_needed = streak
         self.threshold = threshold
         self.min_evidence = min_evidence
-        self._streak = 0
+        self.memory = memory
+        self._since_raise = 0  # successes since the limit was last raised
         self._last_cut = float("-inf")
         self._resume_at = 0.0
-        self._recent: collections.deque[bool] = collections.deque(maxlen=window)  # True = push-back
+        self._recent: collections.deque[tuple[float, bool]] = collections.deque(maxlen=window)  # (when, pushed back)
         self._recent_bad = 0
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
 
@@ -316,13 +317,23 @@ class AIMDGate:
                 fut.set_result(None)
 
     def _note(self, bad: bool) -> None:
+        now = time.monotonic()
+        self._forget(now)
         recent = self._recent
         if len(recent) == recent.maxlen:
-            self._recent_bad -= recent[0]  # about to fall out of the window
-        recent.append(bad)
+            self._recent_bad -= recent[0][1]  # about to fall out of the window
+        recent.append((now, bad))
         self._recent_bad += bad
 
+    def _forget(self, now: float) -> None:
+        """Answers older than `memory` seconds leave the window: after an outage had filled it with lost
+        connections, a limit of 1 brought so few new answers that every stray 429 cut it again, for a minute."""
+        recent = self._recent
+        while recent and recent[0][0] < now - self.memory:
+            self._recent_bad -= recent.popleft()[1]
+
     def push_back_share(self) -> float:
+        self._forget(time.monotonic())
         return self._recent_bad / max(len(self._recent), self.min_evidence)
 
     def hold(self, seconds: float) -> None:
@@ -330,24 +341,25 @@ class AIMDGate:
         if seconds > 0:
             self._resume_at = max(self._resume_at, time.monotonic() + seconds)
 
-    def pushed_back(self, retry_after: float | None = None) -> bool:
-        """Count one push-back; True when it completed a burst and the limit was cut (once per cooldown)."""
+    def pushed_back(self, retry_after: float | None = None) -> None:
         self._note(True)
-        self._streak = 0
         if self.push_back_share() >= self.threshold:
             now = time.monotonic()
             if now - self._last_cut >= self.cooldown:
                 self._last_cut = now
                 self.limit = max(1.0, self.limit / 2)
                 self._resume_at = max(self._resume_at, now + min(retry_after if retry_after is not None else 1.0, 60.0))
-                return True
-        return False
 
     def succeeded(self) -> None:
         self._note(False)
-        self._streak += 1
-        if self._streak >= self.streak_needed and self.limit < self.max:
-            self._streak = 0
+        self._since_raise += 1
+        # +1 per `streak` successes, counted whether or not push-back came between them (it was "in a row": under
+        # a 35% fault mix that almost never happened, and after an outage had halved the limit to 1 it stayed
+        # there for a minute); +1 per success while push-back is under half the burst share (the server is fine
+        # again), which doubles the limit every round trip, like TCP's slow start
+        needed = 1 if self.push_back_share() < self.threshold / 2 else self.streak_needed
+        if self.limit < self.max and self._since_raise >= needed:
+            self._since_raise = 0
             self.limit = min(float(self.max), self.limit + 1)
             self._wake()
 
@@ -356,29 +368,41 @@ class AcceptedRate:
     """A requests/s cap for servers that limit a *rate* (a provider's token bucket), engaged by a burst of 429s.
 
     The concurrency gate alone cannot hold a client under a rate limit: a 429 comes back at once, its slot is free
-    again at once, and the next request meets the same limit. So at each burst the cap is set a little under what
-    the server accepted over the last second (its limit, measured), then raised by 0.1 req/s per success (+10% a
-    second at any rate) until a burst of 429s comes back and it is cut again: a sawtooth around the limit instead
-    of a stampede. Measured in docs/benchmarks.md (a 200 req/s limiter)."""
+    again at once, and the next request meets the same limit. So when 429s are 30% of the last answers (at least 50;
+    only answers and 429s count here: an outage's lost connections are the gate's business, not a rate), the cap is
+    set a little under what the server accepted over the last second (its limit, measured; seconds everyone held off
+    are left out of that second), then raised by 0.25 req/s per success (+25% a second at any rate) until 10% of the
+    answers since are 429s and it is set again: a sawtooth around the limit instead of a stampede. Until a quarter
+    second of answers makes the rate measurable, everyone holds off. Measured in docs/benchmarks.md."""
 
     WINDOW = 1.0        # seconds of successes the accepted rate is measured over
-    MIN_HISTORY = 0.25  # seconds of answers needed to judge a burst; an earlier one is judged at a later 429
+    MIN_HISTORY = 0.25  # seconds of answers needed to measure; everyone holds off this long at a time meanwhile
     UNDER = 0.9         # the cap starts this far under the measured rate
-    PROBE = 0.1         # req/s added per success
-    # Once a cap is on, the server is known to limit the rate, so the probe is stopped sooner than the gate's 30%
-    # burst: at 10% 429s among the answers since the last cut (at least 50), the cap is set again.
-    RECUT_SHARE, RECUT_EVIDENCE = 0.1, 50
+    PROBE = 0.25        # req/s added per success
+    BURST_SHARE, RECENT = 0.3, 100   # engage: 429s among the last RECENT answers (taken over at least 50)
+    RECUT_SHARE, RECUT_EVIDENCE = 0.1, 50  # set again: 429s among the answers since the cap was last set
 
     def __init__(self):
         self.bucket: TokenBucket | None = None
-        self._ok: collections.deque[float] = collections.deque()
+        self.measured: float | None = None  # requests/s the server accepted, when the cap was last set
+        self._ok: collections.deque[float] = collections.deque()   # success times, last WINDOW seconds
+        self._recent: collections.deque[bool] = collections.deque(maxlen=self.RECENT)  # True = 429
+        self._recent_429s = 0
         self._first_ok: float | None = None
+        self._held: collections.deque[tuple[float, float]] = collections.deque()  # (from, until) everyone held off
         self._due = False
         self._answers = self._429s = 0  # since the cap was last set
-        self.measured: float | None = None  # requests/s the server accepted, at the last cut
+
+    def _note(self, throttled: bool) -> None:
+        if len(self._recent) == self._recent.maxlen:
+            self._recent_429s -= self._recent[0]
+        self._recent.append(throttled)
+        self._recent_429s += throttled
+        self._answers += 1
+        self._429s += throttled
 
     def succeeded(self) -> None:
-        self._answers += 1
+        self._note(False)
         now = time.monotonic()
         if self._first_ok is None:
             self._first_ok = now
@@ -391,28 +415,36 @@ class AcceptedRate:
         if self._due and now - self._first_ok >= self.MIN_HISTORY:
             self._set_cap(now)
 
-    def throttled(self, burst: bool) -> float:
-        """Every 429; `burst` when it completed a burst (the gate cut its limit). Returns how long everyone should
-        hold off: while the rate cannot be measured yet (too few answers), sending more only feeds the 429s."""
-        self._answers += 1
-        self._429s += 1
-        recut = (self.bucket is not None and self._answers >= self.RECUT_EVIDENCE
-                 and self._429s >= self.RECUT_SHARE * self._answers)
-        self._due = self._due or burst or recut
-        now = time.monotonic()
+    def throttled(self) -> float:
+        """Every 429. Returns how long everyone should hold off (0: no need)."""
+        self._note(True)
+        if self.bucket is None:
+            burst = self._recent_429s >= self.BURST_SHARE * max(len(self._recent), 50)
+        else:
+            burst = self._answers >= self.RECUT_EVIDENCE and self._429s >= self.RECUT_SHARE * self._answers
+        self._due = self._due or burst
         if not self._due:
             return 0.0
+        now = time.monotonic()
         if self._first_ok is None or now - self._first_ok < self.MIN_HISTORY:
-            return self.MIN_HISTORY  # the cap is set by the first success that makes the rate measurable
+            # the rate cannot be measured yet and sending more only feeds the 429s; the cap is set by the first
+            # success that makes it measurable
+            if not self._held or self._held[-1][1] <= now:
+                self._held.append((now, now + self.MIN_HISTORY))
+            return self._held[-1][1] - now
         self._set_cap(now)
         return 0.0
 
     def _set_cap(self, now: float) -> None:
         self._due = False
         self._answers = self._429s = 0
-        while self._ok and self._ok[0] < now - self.WINDOW:
+        start = max(now - self.WINDOW, self._first_ok)
+        while self._ok and self._ok[0] < start:
             self._ok.popleft()
-        self.measured = len(self._ok) / min(self.WINDOW, now - self._first_ok)
+        while self._held and self._held[0][1] <= start:
+            self._held.popleft()
+        held = sum(min(until, now) - max(since, start) for since, until in self._held if since < now)
+        self.measured = len(self._ok) / max(0.1, now - start - held)
         cap = max(0.5, self.measured * self.UNDER)
         if self.bucket is None:
             self.bucket = TokenBucket(cap * 60.0, burst=max(1.0, cap * 0.02))  # 20 ms of slack for timer lateness
@@ -444,28 +476,25 @@ class Stats:
     throttled: int = 0
 
 
-THROTTLE_ALLOWANCE = 4  # 429s a prompt may take per allowed retry before they count as failed attempts
+THROTTLE_ALLOWANCE = 4  # 429s / lost connections a prompt may take per allowed retry before they count as failed
 MAX_RETRY_AFTER = 60.0  # like the openai SDK: a longer Retry-After (a spent daily quota) is not waited out per prompt
 
 
-def _retry_wait(retry_state) -> float:
-    """Exponential back-off with jitter, and never sooner than the server's Retry-After (capped at MAX_RETRY_AFTER,
-    plus a little jitter: 1 s → up to 30 ms). Retry-After is a floor, not the wait: a limiter answering "retry in
-    5 ms" would otherwise get a prompt's six attempts within 30 ms and the prompt would be lost. The jitter is small
-    because a real burst is spread by the shared gate's pause, and every extra 10% was 0.1 s more on each 429 in a
-    prompt's chain, which is the run's tail (docs/benchmarks.md)."""
-    exc = retry_state.outcome.exception()
-    backoff = _EXP_JITTER(retry_state)
+def retry_wait(exc: BaseException, failures: int) -> float:
+    """Exponential back-off with jitter after a prompt's `failures`-th failure, and never sooner than the server's
+    Retry-After (capped at MAX_RETRY_AFTER, plus a little jitter: 1 s → up to 30 ms). Retry-After is a floor, not
+    the wait: a limiter answering "retry in 5 ms" would otherwise get a prompt's six attempts within 30 ms and the
+    prompt would be lost. The jitter is small because a real burst is spread by the shared gate's pause, and every
+    extra 10% was 0.1 s more on each 429 in a prompt's chain, which is the run's tail (docs/benchmarks.md).
+    Back-off: 0.1 s, 0.2 s, 0.4 s, … (max 10 s) plus up to 0.1 s of jitter (the AWS SDKs' base delay): a dropped
+    connection or a cut body is usually a one-off, and a server in real trouble is slowed down for everyone by the
+    gate instead."""
+    backoff = min(10.0, 0.1 * 2 ** (failures - 1)) + random.uniform(0, 0.1)
     ra = getattr(exc, "retry_after", None)
     if ra is not None:
         ra = min(ra, MAX_RETRY_AFTER)
         return max(backoff, ra + random.uniform(0, 0.01 + ra * 0.02))
     return backoff
-
-
-# 0.1 s, 0.2 s, 0.4 s, … (max 10 s) plus up to 0.1 s of jitter (the AWS SDKs' base delay): a dropped connection or
-# a cut body is usually a one-off, and a server in real trouble is slowed down for everyone by the gate instead.
-_EXP_JITTER = wait_exponential_jitter(multiplier=0.1, max=10.0, jitter=0.1)
 
 
 class Engine:
@@ -487,12 +516,13 @@ class Engine:
         self._conn_lost_in_a_row = 0
         self._refused: tuple[int | None, int] = (None, 0)  # (HTTP status, prompts in a row) before any success
         self._ever_ok = False
+        self._reachable = asyncio.Event()  # cleared by a lost connection, set by the next success
         self._teacher = {"model": cfg.model, "temperature": cfg.temperature, "top_p": cfg.top_p,
                          "max_tokens": cfg.max_tokens, "n": cfg.n}
         self._provenance = {"source": "teacher", "run": cfg.out.name}
         # the policy is built once; each prompt gets a cheap copy() (tenacity keeps per-call state on the object)
-        # (its stop rule is per prompt: _retry passes _stop_policy())
-        self._retrying = AsyncRetrying(wait=_retry_wait, retry=retry_if_exception_type(Retryable), reraise=True)
+        # (its stop rule, wait and sleep are per prompt: _retry passes _prompt_policy())
+        self._retrying = AsyncRetrying(retry=retry_if_exception_type(Retryable), reraise=True)
         self.t0 = time.monotonic()
 
     # -- budget
@@ -540,9 +570,12 @@ class Engine:
                 raise _Stop("auth") from None
             except Retryable as e:
                 self.stats.throttled += e.throttled
-                cut = e.overloaded and self.gate.pushed_back(e.retry_after)
+                if e.connection:
+                    self._reachable.clear()
+                if e.overloaded:
+                    self.gate.pushed_back(e.retry_after)
                 if e.throttled:
-                    self.gate.hold(self.accepted.throttled(cut))
+                    self.gate.hold(self.accepted.throttled())
                 raise
             return reply, time.monotonic() - t
         finally:
@@ -603,6 +636,7 @@ class Engine:
                 self.stats.retrying -= 1
         self._ever_ok = True
         self._conn_lost_in_a_row = 0
+        self._reachable.set()
         self.gate.succeeded()
         self.accepted.succeeded()
         self.store.write_records(records)
@@ -613,7 +647,8 @@ class Engine:
         as tenacity's first attempt, so the attempt count and the waits are exactly the policy's. The waits (the
         server's Retry-After, else exponential back-off) are slept here, outside the gate: they hold no slot."""
         replay: Retryable | None = first
-        async for attempt in self._retrying.copy(stop=self._stop_policy()):
+        stop, wait, sleep = self._prompt_policy()
+        async for attempt in self._retrying.copy(stop=stop, wait=wait, sleep=sleep):
             with attempt:
                 if replay is not None:
                     error, replay = replay, None
@@ -621,20 +656,45 @@ class Engine:
                 records = await once()
         return records
 
-    def _stop_policy(self) -> Callable[[Any], bool]:
-        """One prompt's stop rule: --max-attempts failed attempts, where a 429 does not count until the prompt has
-        had THROTTLE_ALLOWANCE x (max_attempts - 1) of them. A 429 says "not now", not "this prompt fails": while
-        the client is finding a server's rate limit (AcceptedRate), prompts would otherwise burn their attempts on
-        429s within seconds and be recorded as failed. The allowance still ends a prompt a server never accepts."""
+    def _prompt_policy(self) -> tuple[Callable[[Any], bool], Callable[[Any], float], Callable[[float], Any]]:
+        """One prompt's stop rule, wait and sleep.
+
+        Stop: --max-attempts failed attempts, where a 429, or a lost connection to a teacher that has answered
+        before, does not count until the prompt has had THROTTLE_ALLOWANCE x (max_attempts - 1) of them. Those say
+        "not now", not "this prompt fails": while the client finds a server's rate limit (AcceptedRate) or a server
+        restarts, prompts would otherwise burn their attempts within seconds and be recorded as failed (a 5 s
+        restart failed ~40 of 1,000). The allowance (back-off growing to 10 s: about two and a half minutes) still
+        ends a prompt a server never takes; a teacher never reached at all is stopped sooner by "cannot reach".
+        Wait: retry_wait, its back-off growing with the attempts that counted (a 500 after an outage's excused
+        attempts waits 0.1 s, not 10 s), or with all of them after an excused answer (a server that is down or
+        limiting is not asked again and again). Sleep: after a lost connection, the back-off ends early as soon as
+        any request succeeds again, so prompts do not idle for seconds after the server is back."""
         max_attempts = self.cfg.max_attempts
         allowance = THROTTLE_ALLOWANCE * (max_attempts - 1)
-        throttles = 0
+        excused = 0
+        lost_connection = False
+
+        last_excused = False
 
         def stop(retry_state) -> bool:
-            nonlocal throttles
-            throttles += bool(getattr(retry_state.outcome.exception(), "throttled", False))
-            return retry_state.attempt_number - min(throttles, allowance) >= max_attempts
-        return stop
+            nonlocal excused, lost_connection, last_excused
+            e = retry_state.outcome.exception()
+            lost_connection = bool(getattr(e, "connection", False))
+            last_excused = bool(getattr(e, "throttled", False) or (lost_connection and self._ever_ok))
+            excused += last_excused
+            return retry_state.attempt_number - min(excused, allowance) >= max_attempts
+
+        def wait(retry_state) -> float:
+            n = retry_state.attempt_number
+            return retry_wait(retry_state.outcome.exception(), n if last_excused else n - min(excused, allowance))
+
+        async def sleep(seconds: float) -> None:
+            if not lost_connection:
+                await asyncio.sleep(seconds)
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._reachable.wait(), seconds)
+        return stop, wait, sleep
 
     def _fail(self, prompt, reason: str, attempts: int) -> None:
         self.store.write_failure(prompt.id, self.cfg.redact(reason), attempts)
@@ -643,8 +703,17 @@ class Engine:
     def _records(self, prompt, reply: Reply, latency: float, attempts: int) -> list[dict]:
         created = _now_iso()
         usage = {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens}
+        # one sample per index asked for (0..n-1), the first choice with it: a server's repeated or extra choices
+        # (two with index 0, more than n) are not samples we asked for, and would repeat a record id; a choice whose
+        # index is out of range is taken by its position
+        n = self.cfg.n
+        taken: dict[int, Any] = {}
+        for pos, ch in enumerate(reply.choices):
+            idx = ch.index if 0 <= ch.index < n else pos
+            if idx < n:
+                taken.setdefault(idx, ch)
         out = []
-        for ch in reply.choices:
+        for idx, ch in sorted(taken.items()):
             fr = ch.finish_reason
             if fr in ("length", "content_filter"):  # truncated or filtered text is not a sample
                 raise Retryable(f"finish_reason={fr}")
@@ -652,11 +721,11 @@ class Engine:
             meta.update({
                 "recipe": meta.get("recipe", self.cfg.recipe_name), "teacher": self._teacher, "usage": usage,
                 "latency_s": round(latency, 4), "finish_reason": fr, "attempts": attempts, "created_at": created,
-                "choice_index": ch.index, "prompt_id": prompt.id, "provenance": self._provenance,
+                "choice_index": idx, "prompt_id": prompt.id, "provenance": self._provenance,
             })
             if self.cfg.recipe_hash:
                 meta.setdefault("recipe_hash", self.cfg.recipe_hash)
-            rec = {"id": f"{prompt.id}-{ch.index}", "instruction": prompt.instruction, "input": prompt.input,
+            rec = {"id": f"{prompt.id}-{idx}", "instruction": prompt.instruction, "input": prompt.input,
                    "output": (ch.content or "").strip(), "meta": meta}
             try:
                 validate(rec, require_id=True)

@@ -11,7 +11,7 @@ broken JSON body), slow (sleeps `slow_s`), length (finish_reason "length"), 400 
 reset (TCP RST, no response), empty (200, finish_reason "stop", content null), html (502 with a proxy's HTML page),
 quota (OpenAI's 429 insufficient_quota: the account has no credit). `rate_limit` adds a real limiter (token bucket).
 Not faults but odd good answers: close (the server closes the keep-alive connection after it), gzip (the body
-gzip-compressed). `last_request` holds the headers (lower-cased names) and JSON body of the latest chat request.
+gzip-compressed), dupchoice (every choice twice, same index), idx1 (choice indexes counted from 1). `last_request` holds the headers (lower-cased names) and JSON body of the latest chat request.
 
 Answers: by default one stock line with the prompt's digest (cheap, unique, but junk to the curator). With
 `greetings=True` (`--greetings`) it answers like a teacher: a hand-written held-out greeting that fits the prompt's
@@ -37,7 +37,7 @@ from aiohttp import web
 # new kinds go at the end: a fault is picked by cumulative probability in this order, so appending keeps the
 # fault sequence of every existing mix (and the benchmark's numbers) unchanged
 FAULTS = ("429", "500", "503", "drop", "malformed", "slow", "length", "400",
-          "truncate", "reset", "empty", "html", "close", "gzip", "quota")
+          "truncate", "reset", "empty", "html", "close", "gzip", "quota", "dupchoice", "idx1")
 REFERENCE = Path(__file__).resolve().parents[1] / "dataset" / "reference"
 
 
@@ -211,9 +211,11 @@ class LoopbackTeacher:
         digest = hashlib.sha256(content.encode()).hexdigest()[:6]
         texts = ([self.book.answer(content, key, i) for i in range(n)] if self.book
                  else [f"  祝您万事如意，心想事成！({digest}-{i})\n" for i in range(n)])
-        choices = [{"index": i, "finish_reason": finish,
+        choices = [{"index": i + (fault == "idx1"), "finish_reason": finish,
                     "message": {"role": "assistant", "content": None if fault == "empty" else text}}
                    for i, text in enumerate(texts)]
+        if fault == "dupchoice":
+            choices = [c for c in choices for _ in range(2)]
         if finish == "stop" and fault != "empty":
             self.served_ok[key] += 1
         resp = web.json_response({
