@@ -273,7 +273,8 @@ class AIMDGate:
         self._since_raise = 0  # successes since the limit was last raised
         self._last_cut = float("-inf")
         self._resume_at = 0.0
-        self._recent: collections.deque[tuple[float, bool]] = collections.deque(maxlen=window)  # (when, pushed back)
+        # (when, pushed back, by a lost connection)
+        self._recent: collections.deque[tuple[float, bool, bool]] = collections.deque(maxlen=window)
         self._recent_bad = 0
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
 
@@ -316,14 +317,20 @@ class AIMDGate:
                 self.in_flight += 1
                 fut.set_result(None)
 
-    def _note(self, bad: bool) -> None:
+    def _note(self, bad: bool, lost_connection: bool = False) -> None:
         now = time.monotonic()
         self._forget(now)
         recent = self._recent
         if len(recent) == recent.maxlen:
             self._recent_bad -= recent[0][1]  # about to fall out of the window
-        recent.append((now, bad))
+        recent.append((now, bad, lost_connection))
         self._recent_bad += bad
+
+    def forget_lost_connections(self) -> None:
+        """The teacher answers again after an outage: its lost connections leave the window, so that the first
+        stray fault after it does not halve a limit the outage already brought down to 1."""
+        self._recent = collections.deque((x for x in self._recent if not x[2]), maxlen=self._recent.maxlen)
+        self._recent_bad = sum(x[1] for x in self._recent)
 
     def _forget(self, now: float) -> None:
         """Answers older than `memory` seconds leave the window: after an outage had filled it with lost
@@ -341,8 +348,8 @@ class AIMDGate:
         if seconds > 0:
             self._resume_at = max(self._resume_at, time.monotonic() + seconds)
 
-    def pushed_back(self, retry_after: float | None = None) -> None:
-        self._note(True)
+    def pushed_back(self, retry_after: float | None = None, lost_connection: bool = False) -> None:
+        self._note(True, lost_connection)
         if self.push_back_share() >= self.threshold:
             now = time.monotonic()
             if now - self._last_cut >= self.cooldown:
@@ -371,20 +378,24 @@ class AcceptedRate:
     again at once, and the next request meets the same limit. So when 429s are 30% of the last answers (at least 50;
     only answers and 429s count here: an outage's lost connections are the gate's business, not a rate), the cap is
     set a little under what the server accepted over the last second (its limit, measured; seconds everyone held off
-    are left out of that second), then raised by 0.25 req/s per success (+25% a second at any rate) until 10% of the
-    answers since are 429s and it is set again: a sawtooth around the limit instead of a stampede. Until a quarter
+    are left out of that second), then raised per success (see PROBE) until 10% of the answers since are 429s and
+    it is set again: a sawtooth around the limit instead of a stampede. Until a quarter
     second of answers makes the rate measurable, everyone holds off. Measured in docs/benchmarks.md."""
 
     WINDOW = 1.0        # seconds of successes the accepted rate is measured over
     MIN_HISTORY = 0.25  # seconds of answers needed to measure; everyone holds off this long at a time meanwhile
     UNDER = 0.9         # the cap starts this far under the measured rate
-    PROBE = 0.25        # req/s added per success
+    # req/s added per success: PROBE_FAST (doubling a second) after a second without 429s (a cap set too low,
+    # measured while prompts sat in their Retry-After waits, comes back within seconds), else PROBE (+10% a second)
+    PROBE_FAST, PROBE = 1.0, 0.1
     BURST_SHARE, RECENT = 0.3, 100   # engage: 429s among the last RECENT answers (taken over at least 50)
     RECUT_SHARE, RECUT_EVIDENCE = 0.1, 50  # set again: 429s among the answers since the cap was last set
 
     def __init__(self):
         self.bucket: TokenBucket | None = None
         self.measured: float | None = None  # requests/s the server accepted, when the cap was last set
+        self.best: float | None = None      # the most it accepted in a second while the cap was on
+        self._last_429 = float("-inf")
         self._ok: collections.deque[float] = collections.deque()   # success times, last WINDOW seconds
         self._recent: collections.deque[bool] = collections.deque(maxlen=self.RECENT)  # True = 429
         self._recent_429s = 0
@@ -411,13 +422,17 @@ class AcceptedRate:
         while ok[0] < now - self.WINDOW:
             ok.popleft()
         if self.bucket:
-            self.bucket.rate += self.PROBE
+            # near the limit (a 429 within the last second) slowly, else fast
+            self.bucket.rate += self.PROBE if now - self._last_429 < self.WINDOW else self.PROBE_FAST
+            if now - self._ok[0] >= 0.9 * self.WINDOW:  # a full second of answers under the cap
+                self.best = max(self.best or 0.0, len(self._ok) / self.WINDOW)
         if self._due and now - self._first_ok >= self.MIN_HISTORY:
             self._set_cap(now)
 
     def throttled(self) -> float:
         """Every 429. Returns how long everyone should hold off (0: no need)."""
         self._note(True)
+        self._last_429 = time.monotonic()
         if self.bucket is None:
             burst = self._recent_429s >= self.BURST_SHARE * max(len(self._recent), 50)
         else:
@@ -573,7 +588,7 @@ class Engine:
                 if e.connection:
                     self._reachable.clear()
                 if e.overloaded:
-                    self.gate.pushed_back(e.retry_after)
+                    self.gate.pushed_back(e.retry_after, e.connection)
                 if e.throttled:
                     self.gate.hold(self.accepted.throttled())
                 raise
@@ -636,7 +651,9 @@ class Engine:
                 self.stats.retrying -= 1
         self._ever_ok = True
         self._conn_lost_in_a_row = 0
-        self._reachable.set()
+        if not self._reachable.is_set():  # back after lost connections: they say nothing about its load now
+            self._reachable.set()
+            self.gate.forget_lost_connections()
         self.gate.succeeded()
         self.accepted.succeeded()
         self.store.write_records(records)
@@ -675,16 +692,24 @@ class Engine:
         lost_connection = False
 
         last_excused = False
+        seen = 0  # attempts accounted for: tenacity calls wait before stop, and either may come first
 
-        def stop(retry_state) -> bool:
-            nonlocal excused, lost_connection, last_excused
+        def account(retry_state) -> None:
+            nonlocal excused, lost_connection, last_excused, seen
+            if retry_state.attempt_number == seen:
+                return
+            seen = retry_state.attempt_number
             e = retry_state.outcome.exception()
             lost_connection = bool(getattr(e, "connection", False))
             last_excused = bool(getattr(e, "throttled", False) or (lost_connection and self._ever_ok))
             excused += last_excused
+
+        def stop(retry_state) -> bool:
+            account(retry_state)
             return retry_state.attempt_number - min(excused, allowance) >= max_attempts
 
         def wait(retry_state) -> float:
+            account(retry_state)
             n = retry_state.attempt_number
             return retry_wait(retry_state.outcome.exception(), n if last_excused else n - min(excused, allowance))
 
@@ -763,7 +788,8 @@ class Engine:
                 "cost": round(s.cost, 6), "elapsed_s": round(el, 3),
                 "req_per_s": round(s.requests / el, 3) if el > 0 else 0.0,
                 "concurrency_limit_now": int(self.gate.limit), "transport": self.cfg.transport,
-                "rate_limit_measured_per_s": round(self.accepted.measured, 1) if self.accepted.measured else None,
+                "rate_limit_accepted_per_s": round(self.accepted.best or self.accepted.measured, 1)
+                if self.accepted.measured else None,
                 "stopped": self.stopping, "stop_message": self.cfg.redact(self.stop_message)}
 
     async def run(self, plan: Iterable) -> int:
@@ -838,7 +864,7 @@ async def run_async(cfg: RunConfig, plan: Iterable, store: Store, total: int | N
     if eng.stop_message:
         eng.say(f"synth run: {eng.stop_message}")
     if eng.accepted.measured:
-        rate = eng.accepted.measured
+        rate = eng.accepted.best or eng.accepted.measured
         eng.say(f"synth run: the teacher limits the request rate; it accepted about {rate:.1f} requests/s "
                 f"(--rpm {rate * 60:.0f} starts there)")
     if code == EXIT_FAILED and eng.stats.failed:

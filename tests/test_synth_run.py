@@ -274,7 +274,7 @@ def test_a_real_rate_limit_is_found_without_losing_prompts_or_a_stampede(tmp_pat
     assert stats["outcomes"]["ok"] == 200 and stats["outcomes"].get("429-limit", 0) > 0
     assert stats["requests"] <= 3 * 200, stats["outcomes"]
     assert "limits the request rate" in r.stderr
-    assert 20 <= json.loads((tmp_path / "summary.json").read_text())["rate_limit_measured_per_s"] <= 80
+    assert 20 <= json.loads((tmp_path / "summary.json").read_text())["rate_limit_accepted_per_s"] <= 80
 
 
 def test_api_key_file_is_used_and_not_leaked(tmp_path, monkeypatch, capfd):
