@@ -465,6 +465,33 @@ def test_the_rate_cap_comes_from_429s_alone_and_the_gate_recovers_fast_after_an_
     assert g.limit == 64
 
 
+def test_a_failure_after_many_429s_waits_as_its_first_counted_failure():
+    # through tenacity as the engine uses it (it calls wait before stop): 7 excused 429s, then a truncated answer
+    import asyncio
+    import types
+
+    from tenacity import AsyncRetrying, retry_if_exception_type
+
+    from synth.run import Engine
+    from synth.transport import Retryable
+
+    async def go():
+        eng = types.SimpleNamespace(cfg=types.SimpleNamespace(max_attempts=6), _ever_ok=True,
+                                    _reachable=asyncio.Event())
+        stop, wait, _ = Engine._prompt_policy(eng)
+        waits = []
+        answers = iter([Retryable("HTTP 429", throttled=True)] * 7 + [Retryable("finish_reason=length"), None])
+        async for attempt in AsyncRetrying(retry=retry_if_exception_type(Retryable), reraise=True, stop=stop,
+                                           wait=lambda rs: waits.append(wait(rs)) or 0):
+            with attempt:
+                e = next(answers)
+                if e:
+                    raise e
+        return waits
+    waits = asyncio.run(go())
+    assert len(waits) == 8 and waits[6] > 5 and waits[7] < 0.25, waits  # 429s back off further; the 8th: 0.1 s
+
+
 def test_a_teacher_restart_mid_run_costs_no_prompt(tmp_path):
     # the server goes away for ~7 s (longer than 6 attempts of back-off and pauses) and comes back on the same port: the prompts that lost their connection (and
     # those that kept trying meanwhile) are not recorded as failed, and resume as soon as it answers again
