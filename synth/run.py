@@ -245,12 +245,47 @@ class TokenBucket:
                 await asyncio.sleep((amount - self.tokens) / self.rate)
 
 
+class RecentShare:
+    """The share of flagged answers (push-back, 429s) among the last `size`, those of the last `memory` seconds, taken
+    over at least `min_evidence`: how the gate and the rate cap tell a burst from random faults."""
+
+    def __init__(self, size: int, min_evidence: int, memory: float = float("inf")):
+        self.min_evidence = min_evidence
+        self.memory = memory
+        # (when, flagged, tagged)
+        self._items: collections.deque[tuple[float, bool, bool]] = collections.deque(maxlen=size)
+        self._flagged = 0
+
+    def add(self, now: float, flagged: bool, tag: bool = False) -> None:
+        self._forget(now)
+        items = self._items
+        if len(items) == items.maxlen:
+            self._flagged -= items[0][1]  # about to fall out of the window
+        items.append((now, flagged, tag))
+        self._flagged += flagged
+
+    def share(self, now: float) -> float:
+        self._forget(now)
+        return self._flagged / max(len(self._items), self.min_evidence)
+
+    def drop_tagged(self) -> None:
+        self._items = collections.deque((x for x in self._items if not x[2]), maxlen=self._items.maxlen)
+        self._flagged = sum(x[1] for x in self._items)
+
+    def _forget(self, now: float) -> None:
+        items = self._items
+        while items and items[0][0] < now - self.memory:
+            self._flagged -= items.popleft()[1]
+
+
 class AIMDGate:
     """Adaptive concurrency shared by every request (the shared back-off).
 
     Push-back (429s, 5xx, timeouts, lost connections) is judged by its *share* of the last `window` responses
-    (those of the last `memory` seconds), never by a count: at 1,280 requests/s a 5% random 429 rate gives dozens of 429s a second, and pausing everyone
-    for those crawls (the fault mix at concurrency 256 ran at half speed). Only when the share reaches `threshold`
+    (those of the last `memory` seconds), never by a count: at 1,280 requests/s a 5% random 429 rate gives dozens
+    of 429s a second, and pausing everyone for those crawls (the fault mix at concurrency 256 ran at half speed).
+    Answers older than `memory` leave the window: after an outage had filled it with lost connections, a limit of 1
+    brought so few new answers that every stray 429 cut it again, for a minute. Only when the share reaches `threshold`
     (a real rate limit or an overloaded server: then most answers are push-back) does the limit halve and every new
     request hold off for the server's Retry-After (default 1 s), at most once per `cooldown`. Until `window`
     responses have been seen the share is taken over `min_evidence` at least, so a few unlucky answers at the start
@@ -268,14 +303,10 @@ class AIMDGate:
         self.cooldown = cooldown
         self.streak_needed = streak
         self.threshold = threshold
-        self.min_evidence = min_evidence
-        self.memory = memory
         self._since_raise = 0  # successes since the limit was last raised
         self._last_cut = float("-inf")
         self._resume_at = 0.0
-        # (when, pushed back, by a lost connection)
-        self._recent: collections.deque[tuple[float, bool, bool]] = collections.deque(maxlen=window)
-        self._recent_bad = 0
+        self._recent = RecentShare(window, min_evidence, memory)  # tagged: pushed back by a lost connection
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
 
     async def acquire(self, retry: bool = False) -> None:
@@ -317,31 +348,13 @@ class AIMDGate:
                 self.in_flight += 1
                 fut.set_result(None)
 
-    def _note(self, bad: bool, lost_connection: bool = False) -> None:
-        now = time.monotonic()
-        self._forget(now)
-        recent = self._recent
-        if len(recent) == recent.maxlen:
-            self._recent_bad -= recent[0][1]  # about to fall out of the window
-        recent.append((now, bad, lost_connection))
-        self._recent_bad += bad
-
     def forget_lost_connections(self) -> None:
         """The teacher answers again after an outage: its lost connections leave the window, so that the first
         stray fault after it does not halve a limit the outage already brought down to 1."""
-        self._recent = collections.deque((x for x in self._recent if not x[2]), maxlen=self._recent.maxlen)
-        self._recent_bad = sum(x[1] for x in self._recent)
-
-    def _forget(self, now: float) -> None:
-        """Answers older than `memory` seconds leave the window: after an outage had filled it with lost
-        connections, a limit of 1 brought so few new answers that every stray 429 cut it again, for a minute."""
-        recent = self._recent
-        while recent and recent[0][0] < now - self.memory:
-            self._recent_bad -= recent.popleft()[1]
+        self._recent.drop_tagged()
 
     def push_back_share(self) -> float:
-        self._forget(time.monotonic())
-        return self._recent_bad / max(len(self._recent), self.min_evidence)
+        return self._recent.share(time.monotonic())
 
     def hold(self, seconds: float) -> None:
         """No new request for `seconds` (in flight ones finish)."""
@@ -349,16 +362,15 @@ class AIMDGate:
             self._resume_at = max(self._resume_at, time.monotonic() + seconds)
 
     def pushed_back(self, retry_after: float | None = None, lost_connection: bool = False) -> None:
-        self._note(True, lost_connection)
-        if self.push_back_share() >= self.threshold:
-            now = time.monotonic()
-            if now - self._last_cut >= self.cooldown:
-                self._last_cut = now
-                self.limit = max(1.0, self.limit / 2)
-                self._resume_at = max(self._resume_at, now + min(retry_after if retry_after is not None else 1.0, 60.0))
+        now = time.monotonic()
+        self._recent.add(now, True, lost_connection)
+        if self._recent.share(now) >= self.threshold and now - self._last_cut >= self.cooldown:
+            self._last_cut = now
+            self.limit = max(1.0, self.limit / 2)
+            self.hold(min(retry_after if retry_after is not None else 1.0, 60.0))
 
     def succeeded(self) -> None:
-        self._note(False)
+        self._recent.add(time.monotonic(), False)
         self._since_raise += 1
         # +1 per `streak` successes, counted whether or not push-back came between them (it was "in a row": under
         # a 35% fault mix that almost never happened, and after an outage had halved the limit to 1 it stayed
@@ -379,8 +391,8 @@ class AcceptedRate:
     only answers and 429s count here: an outage's lost connections are the gate's business, not a rate), the cap is
     set a little under what the server accepted over the last second (its limit, measured; seconds everyone held off
     are left out of that second), then raised per success (see PROBE) until 10% of the answers since are 429s and
-    it is set again: a sawtooth around the limit instead of a stampede. Until a quarter
-    second of answers makes the rate measurable, everyone holds off. Measured in docs/benchmarks.md."""
+    it is set again: a sawtooth around the limit instead of a stampede. Until a quarter second of answers makes the
+    rate measurable, everyone holds off. Measured in docs/benchmarks.md."""
 
     WINDOW = 1.0        # seconds of successes the accepted rate is measured over
     MIN_HISTORY = 0.25  # seconds of answers needed to measure; everyone holds off this long at a time meanwhile
@@ -397,24 +409,20 @@ class AcceptedRate:
         self.best: float | None = None      # the most it accepted in a second while the cap was on
         self._last_429 = float("-inf")
         self._ok: collections.deque[float] = collections.deque()   # success times, last WINDOW seconds
-        self._recent: collections.deque[bool] = collections.deque(maxlen=self.RECENT)  # True = 429
-        self._recent_429s = 0
+        self._recent = RecentShare(self.RECENT, min_evidence=50)  # flagged: a 429
         self._first_ok: float | None = None
         self._held: collections.deque[tuple[float, float]] = collections.deque()  # (from, until) everyone held off
         self._due = False
         self._answers = self._429s = 0  # since the cap was last set
 
-    def _note(self, throttled: bool) -> None:
-        if len(self._recent) == self._recent.maxlen:
-            self._recent_429s -= self._recent[0]
-        self._recent.append(throttled)
-        self._recent_429s += throttled
+    def _note(self, now: float, throttled: bool) -> None:
+        self._recent.add(now, throttled)
         self._answers += 1
         self._429s += throttled
 
     def succeeded(self) -> None:
-        self._note(False)
         now = time.monotonic()
+        self._note(now, False)
         if self._first_ok is None:
             self._first_ok = now
         ok = self._ok
@@ -431,16 +439,15 @@ class AcceptedRate:
 
     def throttled(self) -> float:
         """Every 429. Returns how long everyone should hold off (0: no need)."""
-        self._note(True)
-        self._last_429 = time.monotonic()
+        now = self._last_429 = time.monotonic()
+        self._note(now, True)
         if self.bucket is None:
-            burst = self._recent_429s >= self.BURST_SHARE * max(len(self._recent), 50)
+            burst = self._recent.share(now) >= self.BURST_SHARE
         else:
             burst = self._answers >= self.RECUT_EVIDENCE and self._429s >= self.RECUT_SHARE * self._answers
         self._due = self._due or burst
         if not self._due:
             return 0.0
-        now = time.monotonic()
         if self._first_ok is None or now - self._first_ok < self.MIN_HISTORY:
             # the rate cannot be measured yet and sending more only feeds the 429s; the cap is set by the first
             # success that makes it measurable
@@ -465,10 +472,6 @@ class AcceptedRate:
             self.bucket = TokenBucket(cap * 60.0, burst=max(1.0, cap * 0.02))  # 20 ms of slack for timer lateness
         elif cap < self.bucket.rate:
             self.bucket.rate = cap
-
-    @property
-    def per_s(self) -> float | None:
-        return self.bucket.rate if self.bucket else None
 
 
 # ---------------------------------------------------------------------------------------------- engine

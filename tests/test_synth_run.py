@@ -445,10 +445,10 @@ def test_the_rate_cap_comes_from_429s_alone_and_the_gate_recovers_fast_after_an_
             assert acc.throttled() == 0.0
         else:
             acc.succeeded()
-    assert acc.per_s is None and acc.measured is None
+    assert acc.bucket is None and acc.measured is None
     for _ in range(40):  # a real limit: most answers are 429s, and the first success is not a quarter second old
         hold = acc.throttled()
-    assert 0 < hold <= AcceptedRate.MIN_HISTORY or acc.per_s is not None
+    assert 0 < hold <= AcceptedRate.MIN_HISTORY or acc.bucket is not None
 
     g = AIMDGate(64)
     for _ in range(200):  # an outage: every answer pushed back; halved once per cooldown (forced here)
