@@ -161,6 +161,14 @@ def run_chain(data: Path, out: Path, workers: int | None) -> dict:
             "filters": report["filters"]}
 
 
+def emit(res: dict, json_path: str | None) -> None:
+    """The result on stdout, and into `json_path` when given (--json)."""
+    text = json.dumps(res, ensure_ascii=False, indent=2)
+    print(text)
+    if json_path:
+        Path(json_path).write_text(text + "\n", encoding="utf-8")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, default=1_000_000)
@@ -178,9 +186,7 @@ def main() -> None:
     res.update({"records": args.records, "generated": kinds, "generate_s": round(gen_s, 1),
                 "records_per_s": round(res["valid"] / res["wall_s"]), "cpus_usable": len(os.sched_getaffinity(0)),
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
-    print(json.dumps(res, ensure_ascii=False, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    emit(res, args.json)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ subprocess into a temporary --root; its peak RSS is sampled every 0.1 s from /pr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess
@@ -23,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import orjson  # noqa: E402
-from curate_bench import _tree_rss_kib, generate  # noqa: E402
+from curate_bench import _tree_rss_kib, emit, generate  # noqa: E402
 
 from distillery.record import dumps  # noqa: E402
 
@@ -72,9 +71,7 @@ def main() -> None:
         res = run_release(data, Path(tmp) / "releases")
         res.update({"records": args.records, "data_mib": round(data.stat().st_size / 2**20, 1),
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
-    print(json.dumps(res, ensure_ascii=False, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    emit(res, args.json)
 
 
 if __name__ == "__main__":

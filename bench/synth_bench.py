@@ -194,19 +194,25 @@ def throughput(a: argparse.Namespace) -> None:
         fault_summary(rows, plan, a.latency)
 
 
+def served_fault(latency: float, retry_after: float):
+    """The loopback teacher's fault for (prompt id, attempt index) under the bench's mix, None for an answer: the
+    same deterministic draw the server in start_server makes."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from loopback_teacher import LoopbackTeacher
+    return LoopbackTeacher(latency, FAULTS, retry_after=retry_after)._fault
+
+
 def retry_after_floor(plan: list, latency: float, retry_after: float = 1.0) -> tuple[float, int, list[str]]:
     """The least wall time ANY client that honours Retry-After needs for the fault run: the longest single prompt,
     attempts x latency + its 429s x Retry-After, even started at t=0 with every other fault retried at once.
     Read from the loopback teacher's fault sequence (deterministic per prompt id and attempt).
     Returns (seconds, plan index, the prompt's answers in order)."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from loopback_teacher import LoopbackTeacher
-    teacher = LoopbackTeacher(latency, FAULTS, retry_after=retry_after)
+    fault = served_fault(latency, retry_after)
     worst = (0.0, -1, [])
     for i, p in enumerate(plan):
         seq = []
         while not seq or seq[-1] != "ok":
-            seq.append(teacher._fault(p.id, len(seq)) or "ok")
+            seq.append(fault(p.id, len(seq)) or "ok")
         t = len(seq) * latency + seq.count("429") * retry_after
         worst = max(worst, (t, i, seq))
     return worst
@@ -217,9 +223,7 @@ def ideal_client_wall(plan: list, conc: int, latency: float, retry_after: float 
     retry whose wait is over goes before a fresh prompt, a 429 waits exactly Retry-After, other faults retry at
     once, every answer takes exactly `latency` (an event simulation, not a run)."""
     import heapq
-    sys.path.insert(0, str(ROOT / "tests"))
-    from loopback_teacher import LoopbackTeacher
-    teacher = LoopbackTeacher(latency, FAULTS, retry_after=retry_after)
+    fault_of = served_fault(latency, retry_after)
     slots = [0.0] * conc         # when each slot is free again
     ready: list = []             # (when a retry may go, plan index, attempt)
     fresh, left, end = 0, len(plan), 0.0
@@ -231,7 +235,7 @@ def ideal_client_wall(plan: list, conc: int, latency: float, retry_after: float 
         else:
             i, k, start = fresh, 0, free
             fresh += 1
-        fault = teacher._fault(plan[i].id, k)
+        fault = fault_of(plan[i].id, k)
         heapq.heappush(slots, start + latency)
         if fault is None:
             left -= 1
