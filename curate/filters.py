@@ -342,7 +342,8 @@ class FitFilter:
         m = recipient and (ctx.address_re.match(out) or ("祝" in out and ctx.wished_re.search(out)))
         if m and m["names"]:
             addressed = ctx.address_name_re.findall(m["names"])
-            if not any(_may_address(a, recipient, ctx) for a in addressed) and not _mentioned(out, m, recipient, ctx):
+            if not any(_may_address(a, recipient, ctx) for a in addressed) and \
+                    not _mentioned(out, m, addressed[-1], recipient, ctx):
                 return Verdict(DOUBTFUL, f"addressed to {'、'.join(addressed)}, not {recipient}")
         if relation == "晚辈" and "您" in out:
             return Verdict(DOUBTFUL, "您 to a younger person")
@@ -381,11 +382,11 @@ def _may_address(name: str, recipient: str, ctx) -> bool:
             or ctx.relation_of.get(name) in GENERIC_ADDRESS.get(recipient, ()))      # 小刘 to 同事
 
 
-def _mentioned(out: str, m, recipient: str, ctx) -> bool:
-    """Names the address pattern found that do not address after all: a possessive (祝妈妈的宝贝女儿…), the head of a
-    longer word (老公公, 老婆婆 — not 姐姐姐夫), or the text named the recipient before them (…外婆！祝妈妈也…)."""
-    end, last = m.end("names"), ctx.address_name_re.findall(m["names"])[-1]
-    after = out[end:end + 1]
+def _mentioned(out: str, m, last: str, recipient: str, ctx) -> bool:
+    """Names the address pattern found (`last`: the last of them) that do not address after all: a possessive
+    (祝妈妈的宝贝女儿…), the head of a longer word (老公公, 老婆婆 — not 姐姐姐夫), or the text named the recipient before
+    them (…外婆！祝妈妈也…)."""
+    after = out[m.end("names"):m.end("names") + 1]
     if after == "的" or (after == last[-1] and len(last) > 1 and last[-2] != last[-1]):
         return True
     return any(_may_address(a, recipient, ctx) for a in ctx.address_name_re.findall(out, 0, m.start("names")))
